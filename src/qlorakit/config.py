@@ -1,0 +1,283 @@
+"""Typed run configuration: defaults, YAML files, ``--key value`` overrides, and validation.
+
+Names follow the original qlora script where it had one, so its users feel at home. Every field carries its help
+text in ``metadata["help"]``; ``qlorakit train --help`` prints them. ``validate`` reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A mistake in the user's configuration. The message is meant to be printed as is, without a traceback."""
+
+
+def _f(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model_name_or_path: str = _f("default", "Base model: 'default' (embedded SmolLM2-135M-Instruct), a local "
+                                 "Hugging Face directory, a .gguf file, or a hub id.")
+    trust_remote_code: bool = _f(False, "Run Python code shipped with the model. Off unless you trust its author.")
+    bits: int = _f(4, "Precision of the frozen base weights: 4 (QLoRA), 8, or 16.", (4, 8, 16))
+    quant_type: str = _f("nf4", "4-bit data type.", ("nf4", "fp4"))
+    double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    bf16: str = _f("auto", "Compute in bfloat16 (autocast; LoRA weights stay float32): true, false, or auto = where "
+                   "the hardware has fast bfloat16 matrix units (CUDA, or a CPU with AMX / AVX512-BF16).",
+                   ("auto", "true", "false"))
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward to save memory.")
+    mpt: bool = _f(False, "Accepted for compatibility with the MPT fork of qlora; the architecture is read from "
+                   "the model's config, so it has no effect.")
+    # --- LoRA ---
+    lora_r: int = _f(16, "LoRA rank.")
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    lora_modules: str = _f("all", "'all' linear layers except the output head, or a comma-separated list of module "
+                           "names (e.g. q_proj,v_proj).")
+    # --- data ---
+    dataset: str = _f("default", "Training data: a JSONL file, or 'default' (the embedded airoboros sample).")
+    dataset_format: str = _f("auto", "Row layout.", ("auto", "airoboros", "alpaca", "messages"))
+    prompt_format: str = _f("airoboros", "How conversations are rendered to text.",
+                            ("airoboros", "vicuna", "alpaca", "chatml", "tokenizer"))
+    model_max_len: int = _f(1024, "Longest example in tokens.")
+    truncation: str = _f("truncate", "What to do with a longer example: cut it ('truncate') or 'drop' it. "
+                         "Either way it is counted in the log.", ("truncate", "drop"))
+    train_on_source: bool = _f(False, "Also train on prompt tokens, not only on responses.")
+    group_by_length: bool = _f(False, "Batch examples of similar length together (less padding). With false the "
+                               "example order does not depend on the batch size.")
+    packing: bool = _f(True, "Pack each micro-batch into one padding-free row; attention never crosses examples "
+                       "(positions restart per example).")
+    eval_dataset_size: float = _f(0.0, "Held-out share of the training data: a count (>= 1) or a fraction (< 1). "
+                                  "0 = none.")
+    eval_dataset: str = _f("", "A separate JSONL file to evaluate on (instead of a split).")
+    # --- schedule ---
+    output_dir: str = _f("runs/default", "Run directory: adapter, tokenizer, config, metrics, model card.")
+    num_train_epochs: float = _f(2.0, "Epochs to train (used when max_steps is not set).")
+    max_steps: int = _f(-1, "Optimizer steps; when > 0 it caps the run.")
+    per_device_train_batch_size: int = _f(4, "Examples per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step. The loss is normalized by the "
+                                          "number of trained tokens in all of them, so this equals a bigger batch.")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    lr_scheduler_type: str = _f("constant", "Schedule after warmup.", ("constant", "linear", "cosine"))
+    warmup_ratio: float = _f(0.03, "Share of steps spent warming up linearly from 0.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay (AdamW) or L2 (SGD).")
+    max_grad_norm: float = _f(0.3, "Clip the gradient norm to this; 0 = no clipping.")
+    optim: str = _f("adamw_torch", "Optimizer.", ("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "sgd"))
+    seed: int = _f(42, "Seed for data order, the eval split, LoRA init and dropout.")
+    # --- evaluation, checkpoints, logging ---
+    eval_strategy: str = _f("epoch", "When to evaluate (needs an eval split or eval_dataset).",
+                            ("no", "steps", "epoch"))
+    eval_steps: int = _f(50, "Evaluate every N steps when eval_strategy is 'steps'.")
+    per_device_eval_batch_size: int = _f(8, "Examples per eval batch.")
+    load_best_model_at_end: bool = _f(False, "Leave the best checkpoint's adapter (by eval loss) at the root.")
+    early_stopping_patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.")
+    save_strategy: str = _f("epoch", "When to write checkpoint-STEP/ folders.", ("no", "steps", "epoch"))
+    save_steps: int = _f(100, "Save every N steps when save_strategy is 'steps'.")
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints (never deleting the best); 0 = all.")
+    resume_from_checkpoint: str = _f("", "A checkpoint folder, or 'latest' in output_dir, to continue from.")
+    max_nonfinite_steps: int = _f(3, "Stop after this many consecutive steps with a non-finite loss or gradient.")
+    logging_steps: int = _f(1, "Log every N optimizer steps.")
+    # --- distributed ---
+    fsdp: bool = _f(False, "Under torchrun: shard the model with FSDP2 instead of replicating it with DDP.")
+
+    # ------------------------------------------------------------------
+    def use_bf16(self) -> bool:
+        """Whether this run computes in bfloat16 on this machine's device."""
+        from .model.load import bf16_is_fast
+
+        return bf16_is_fast() if self.bf16 == "auto" else self.bf16 == "true"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value, source: str):
+    """Return ``value`` as the field's type, or raise ConfigError naming key and source."""
+    typ = _TYPES[key]
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(v) for v in value)
+            if isinstance(value, bool):  # YAML's true/false, for keys such as bf16 that also take "auto"
+                return str(value).lower()
+            if isinstance(value, dict) or value is None:
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
+    raise ConfigError(f"{key}: {value!r} (from {source}) is not {want}")
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    return f"; did you mean '{close[0]}'?" if close else "; see 'qlorakit train --help'"
+
+
+def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, tuple[object, str]]]:
+    """Split ``[CONFIG.yaml] [--key value ...]`` into the YAML path and raw overrides (value, source)."""
+    path = None
+    raw: dict[str, tuple[object, str]] = {}
+    problems = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            key = arg[2:].replace("-", "_")
+            if "=" in key:
+                key, value = key.split("=", 1)
+                i += 1
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value = argv[i + 1]
+                i += 2
+            else:
+                problems.append(f"--{key} needs a value")
+                i += 1
+                continue
+            raw[key] = (value, f"--{key}")
+        elif path is None:
+            path = arg
+            i += 1
+        else:
+            problems.append(f"unexpected argument {arg!r}: give one config file, then --key value pairs")
+            i += 1
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return path, raw
+
+
+def load_yaml(path: str) -> dict[str, tuple[object, str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return {str(k): (v, path) for k, v in data.items()}
+
+
+def build_config(argv: list[str]) -> TrainConfig:
+    """YAML file, then flags (flags win), then validation. Raises ConfigError listing every problem."""
+    path, flags = parse_overrides(argv)
+    merged = load_yaml(path) if path else {}
+    merged.update(flags)
+    return config_from_mapping(merged)
+
+
+def config_from_mapping(merged: dict[str, tuple[object, str]]) -> TrainConfig:
+    problems = []
+    values = {}
+    for key, (value, source) in merged.items():
+        if key not in FIELDS:
+            problems.append(f"unknown key '{key}' (from {source}){_suggest(key)}")
+            continue
+        try:
+            values[key] = _coerce(key, value, source)
+        except ConfigError as e:
+            problems.append(str(e))
+    cfg = TrainConfig(**values)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with ``cfg``, each naming its key."""
+    problems = []
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, name) not in choices:
+            problems.append(f"{name}: {getattr(cfg, name)!r} is not one of {', '.join(map(str, choices))}")
+    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "model_max_len",
+                "logging_steps", "per_device_eval_batch_size"]
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            problems.append(f"{name}: must be at least 1, got {getattr(cfg, name)}")
+    if cfg.learning_rate <= 0:
+        problems.append(f"learning_rate: must be > 0, got {cfg.learning_rate}")
+    if not 0 <= cfg.lora_dropout < 1:
+        problems.append(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        problems.append(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
+    for name in ("weight_decay", "max_grad_norm", "eval_dataset_size", "save_total_limit",
+                 "early_stopping_patience", "lora_alpha"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    if cfg.eval_dataset_size >= 1 and not float(cfg.eval_dataset_size).is_integer():
+        problems.append(f"eval_dataset_size: a count must be whole, got {cfg.eval_dataset_size}")
+    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
+        problems.append("num_train_epochs: must be > 0 when max_steps is not set")
+    if cfg.save_strategy == "steps" and cfg.save_steps < 1:
+        problems.append(f"save_steps: must be at least 1, got {cfg.save_steps}")
+    if cfg.eval_strategy == "steps" and cfg.eval_steps < 1:
+        problems.append(f"eval_steps: must be at least 1, got {cfg.eval_steps}")
+    if cfg.max_nonfinite_steps < 1:
+        problems.append(f"max_nonfinite_steps: must be at least 1, got {cfg.max_nonfinite_steps}")
+    if cfg.early_stopping_patience and cfg.eval_strategy == "no":
+        problems.append("early_stopping_patience: needs evaluation; set eval_strategy to steps or epoch")
+    if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
+        problems.append("load_best_model_at_end: needs evaluation; set eval_strategy to steps or epoch")
+    return problems
+
+
+def help_text() -> str:
+    lines = ["qlorakit train [CONFIG.yaml] [--key value ...]   (flags win over the file)", ""]
+    for name, f in FIELDS.items():
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+        lines.append(f"  --{name} (default {f.default!r}){extra}\n      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def load_run_config(run_dir: Path) -> TrainConfig:
+    """The resolved config a run wrote to ``run_dir/config.yaml``."""
+    p = Path(run_dir) / "qlorakit_config.yaml"
+    if not p.is_file():
+        raise ConfigError(f"{run_dir} is not a qlorakit run directory (no qlorakit_config.yaml); "
+                          "pass the output_dir of a 'qlorakit train' run")
+    data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    known = {k: v for k, v in data.items() if k in FIELDS}
+    return TrainConfig(**known)

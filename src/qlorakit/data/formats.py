@@ -1,0 +1,182 @@
+"""Raw JSONL rows (airoboros, alpaca, chat messages) -> conversations, with file:line errors.
+
+A conversation is a list of ``Message(role, content)`` with roles ``system``, ``user`` and ``assistant``; it always
+ends with an assistant message, which is what the model is trained to produce.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+
+class DataError(UserError):
+    """A mistake in the user's data. The message names file, line and field, and is printed without a traceback."""
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: tuple[Message, ...]
+    source: str  # "file:line", for messages about this row
+
+
+FORMATS = ("airoboros", "alpaca", "messages")
+ROLES = ("system", "user", "assistant")
+
+
+def detect_format(row: dict) -> str | None:
+    """The layout of ``row`` guessed from its keys, or None."""
+    if "messages" in row or "conversations" in row:
+        return "messages"
+    if "output" in row and "instruction" in row:
+        return "alpaca"
+    if "response" in row and "instruction" in row:
+        return "airoboros"
+    return None
+
+
+def _text(row: dict, key: str, where: str, *, required: bool = True, allow_blank: bool = False) -> str:
+    if key not in row:
+        if not required:
+            return ""
+        keys = ", ".join(sorted(row)) or "none"
+        raise DataError(f"{where}: missing field '{key}' (row has: {keys})")
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if not allow_blank and not value.strip():
+        raise DataError(f"{where}: field '{key}' is blank")
+    return value
+
+
+def airoboros_row(row: dict, where: str) -> Conversation:
+    msgs = []
+    system = _text(row, "system", where, required=False, allow_blank=True)
+    if system.strip():
+        msgs.append(Message("system", system))
+    msgs += [Message("user", _text(row, "instruction", where)), Message("assistant", _text(row, "response", where))]
+    return Conversation(tuple(msgs), where)
+
+
+def alpaca_row(row: dict, where: str) -> Conversation:
+    instruction = _text(row, "instruction", where)
+    extra = _text(row, "input", where, required=False, allow_blank=True)
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    # The optional input is appended to the instruction, as the instruction's context.
+    return Conversation((Message("user", user), Message("assistant", _text(row, "output", where))), where)
+
+
+def messages_row(row: dict, where: str) -> Conversation:
+    key = "messages" if "messages" in row else "conversations"
+    turns = row[key]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of {{role, content}} objects")
+    msgs = []
+    for i, turn in enumerate(turns):
+        at = f"{where}: {key}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{at} must be an object with 'role' and 'content'")
+        role = turn.get("role", turn.get("from"))
+        role = {"human": "user", "gpt": "assistant"}.get(role, role)
+        if role not in ROLES:
+            raise DataError(f"{at}.role is {role!r}; use one of {', '.join(ROLES)}")
+        content = turn.get("content", turn.get("value"))
+        if not isinstance(content, str):
+            raise DataError(f"{at}.content must be a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise DataError(f"{at}.content is blank: an assistant turn must say something")
+        msgs.append(Message(role, content))
+    if msgs[-1].role != "assistant":
+        raise DataError(f"{where}: the last message must be from the assistant (it is the trained response)")
+    if not any(m.role == "user" for m in msgs):
+        raise DataError(f"{where}: no user message")
+    return Conversation(tuple(msgs), where)
+
+
+PARSERS = {"airoboros": airoboros_row, "alpaca": alpaca_row, "messages": messages_row}
+
+
+def read_jsonl(path: str | Path, dataset_format: str = "auto") -> list[Conversation]:
+    """Every row of ``path`` as a conversation. Raises DataError at the first bad row, naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file; check the dataset path")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; give a .jsonl file")
+    rows = []
+    fmt = None if dataset_format == "auto" else dataset_format
+    for lineno, row in _json_rows(path):
+        where = f"{path}:{lineno}"
+        if fmt is None:
+            fmt = detect_format(row)
+            if fmt is None:
+                keys = ", ".join(sorted(row)) or "none"
+                raise DataError(f"{where}: cannot tell the row layout from its fields ({keys}); expected "
+                                "instruction+response (airoboros), instruction+input+output (alpaca) or messages")
+        rows.append(PARSERS[fmt](row, where))
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    return rows
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: tuple[Message, ...]  # ends on a user turn
+    row: dict  # the input row, kept whole so nothing the user gave is lost
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """Prompts for generation: rows with ``instruction`` (or ``prompt``), or ``messages`` ending on a user turn.
+    A trailing assistant turn in ``messages`` is dropped from the prompt (it is the reference answer)."""
+    out = []
+    for lineno, row in _json_rows(path):
+        where = f"{path}:{lineno}"
+        if "messages" in row:
+            turns = row["messages"]
+            if isinstance(turns, list) and turns and isinstance(turns[-1], dict) \
+                    and turns[-1].get("role") == "assistant":
+                turns = turns[:-1]  # the reference answer
+            placeholder = {"role": "assistant", "content": "-"}  # lets messages_row validate the prompt turns
+            turns = turns + [placeholder] if isinstance(turns, list) else turns
+            msgs = messages_row({"messages": turns}, where).messages[:-1]
+        else:
+            key = "instruction" if "instruction" in row else "prompt"
+            msgs = (Message("user", _text(row, key, where)),)
+            if "input" in row and isinstance(row["input"], str) and row["input"].strip():
+                msgs = (Message("user", f"{msgs[0].content}\n\n{row['input']}"),)
+        out.append(Prompt(tuple(msgs), row))
+    if not out:
+        raise DataError(f"{path}: the file has no rows")
+    return out
+
+
+def _json_rows(path: Path):
+    """(line number, JSON object) for each non-blank line; DataError naming the line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    for lineno, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: bytes that are not UTF-8 at column {e.start + 1}; re-encode the file "
+                            "as UTF-8") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row

@@ -1,0 +1,101 @@
+"""Conversation -> input_ids + labels. The ONE place where label masks are made.
+
+Each rendered segment is tokenized on its own and the ids are concatenated, so the boundary between prompt and
+reply is exact (no offset mapping guesswork). Labels are -100 on untrained tokens. The same function renders
+prompts for generation, so training and inference see identical token sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .formats import Conversation
+from .templates import Segment, render_segments
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    source: str = ""
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TokenizeReport:
+    """What tokenization did to the rows, for the log: nothing is dropped silently."""
+
+    kept: int = 0
+    truncated: list[str] = field(default_factory=list)
+    dropped_too_long: list[str] = field(default_factory=list)
+    dropped_no_trained_tokens: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.kept} examples kept"]
+        for label, items in (("truncated to model_max_len", self.truncated),
+                             ("dropped: longer than model_max_len", self.dropped_too_long),
+                             ("dropped: no trained token left (prompt fills model_max_len)",
+                              self.dropped_no_trained_tokens)):
+            if items:
+                first = ", ".join(items[:3]) + (" ..." if len(items) > 3 else "")
+                out.append(f"{len(items)} {label} (e.g. {first})")
+        return out
+
+
+def bos_ids(tokenizer) -> list[int]:
+    """[bos] when the tokenizer adds a BOS token to plain text, else []."""
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and probe and probe[0] == bos else []
+
+
+def segments_to_ids(segments: list[Segment], tokenizer, train_on_source: bool = False) -> tuple[list[int], list[int]]:
+    ids, labels = list(bos_ids(tokenizer)), []
+    labels = [IGNORE] * len(ids)
+    for seg in segments:
+        seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+        ids += seg_ids
+        labels += seg_ids if (seg.trained or train_on_source) else [IGNORE] * len(seg_ids)
+    return ids, labels
+
+
+def tokenize_conversation(conv: Conversation, tokenizer, prompt_format: str,
+                          train_on_source: bool = False) -> Example:
+    segments = render_segments(conv.messages, prompt_format, tokenizer)
+    ids, labels = segments_to_ids(segments, tokenizer, train_on_source)
+    return Example(ids, labels, conv.source)
+
+
+def prompt_ids(messages, tokenizer, prompt_format: str) -> list[int]:
+    """Token ids of a conversation ending on a user turn, up to where the model's reply begins."""
+    segments = render_segments(messages, prompt_format, tokenizer, add_generation_prompt=True)
+    return segments_to_ids(segments, tokenizer)[0]
+
+
+def tokenize_all(convs: list[Conversation], tokenizer, prompt_format: str, max_len: int,
+                 truncation: str = "truncate", train_on_source: bool = False) -> tuple[list[Example], TokenizeReport]:
+    """Examples for ``convs`` with the length policy applied; the report counts every change."""
+    report = TokenizeReport()
+    out = []
+    for conv in convs:
+        ex = tokenize_conversation(conv, tokenizer, prompt_format, train_on_source)
+        if len(ex) > max_len:
+            if truncation == "drop":
+                report.dropped_too_long.append(conv.source)
+                continue
+            ex = Example(ex.input_ids[:max_len], ex.labels[:max_len], ex.source)
+            report.truncated.append(conv.source)
+        if ex.n_trained == 0:
+            report.dropped_no_trained_tokens.append(conv.source)
+            continue
+        out.append(ex)
+    report.kept = len(out)
+    return out, report

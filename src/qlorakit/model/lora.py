@@ -1,0 +1,67 @@
+"""LoRA target modules, adapter injection, and the trainable-parameter report."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+
+
+def is_linear(module: nn.Module) -> bool:
+    """Plain, 4-bit and 8-bit linear layers (bitsandbytes subclasses nn.Linear)."""
+    return isinstance(module, nn.Linear)
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer except the output head (LoRA on the head rarely helps and costs most)."""
+    head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if is_linear(mod) and mod is not head}
+    return sorted(names)
+
+
+def target_modules(model: nn.Module, lora_modules: str) -> list[str]:
+    available = all_linear_names(model)
+    if lora_modules.strip() == "all":
+        return available
+    wanted = [m.strip() for m in lora_modules.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in available]
+    if unknown:
+        raise UserError(f"lora_modules: {', '.join(unknown)} not found in this model; its linear layers are "
+                         f"{', '.join(available)}")
+    return wanted
+
+
+def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, modules: list[str], seed: int):
+    """``model`` wrapped by peft with fresh LoRA adapters (float32) on ``modules``."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
+                     task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA A init is random: make it depend on the seed alone
+        peft_model = get_peft_model(model, cfg)
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return peft_model
+
+
+def trainable_report(model: nn.Module) -> tuple[list[str], int, int]:
+    """Lines with trainable parameters per module kind, and the trainable and total counts."""
+    per_kind: dict[str, int] = defaultdict(int)
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if hasattr(p, "quant_state") or p.dtype == torch.uint8:  # packed 4-bit: two values per byte
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+            parts = name.split(".")
+            kind = next((parts[i - 1] for i, s in enumerate(parts) if s.startswith("lora_")), parts[-2])
+            per_kind[kind] += n
+    lines = [f"  {kind:<12} {count:>12,}" for kind, count in sorted(per_kind.items())]
+    return lines, trainable, total

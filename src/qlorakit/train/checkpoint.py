@@ -1,0 +1,187 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is written whole under a temporary name, every file fsynced, then renamed to ``checkpoint-STEP``:
+a kill at any instant leaves either the previous set of checkpoints or the new one, never a half-written folder
+under a checkpoint name. Weights are safetensors; other state is loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..config import TrainConfig, save_config
+
+PREFIX = "checkpoint-"
+
+# Changing any of these changes which examples a step sees or how an update is computed, so a run resumed with
+# a different value would not be the run that was checkpointed.
+RESUME_KEYS = ("model_name_or_path", "dataset", "dataset_format", "prompt_format", "model_max_len", "truncation",
+               "train_on_source", "group_by_length", "eval_dataset_size", "eval_dataset", "num_train_epochs",
+               "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+               "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "seed", "lora_r",
+               "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used; the message says which and what to do."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is. ``step_in_epoch`` counts optimizer steps already taken in ``epoch``."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    total_steps: int = 0
+    world_size: int = 1
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    eval_history: list = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
+                    adapter_state: dict | None = None) -> Path:
+    """Write ``checkpoint-{step}`` atomically and return its path."""
+    final = output_dir / f"{PREFIX}{state.step}"
+    tmp = output_dir / f".{PREFIX}{state.step}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp, state_dict=adapter_state)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng_state.pt")
+        save_config(cfg, tmp / "qlorakit_config.yaml")
+        (tmp / "trainer_state.json").write_text(state.to_json())
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (after a resume): swap, then drop the old copy
+            old = output_dir / f".{final.name}.old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders never match)."""
+    found = []
+    for p in Path(output_dir).glob(f"{PREFIX}*"):
+        m = re.fullmatch(rf"{PREFIX}(\d+)", p.name)
+        if m and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(output_dir: Path, limit: int, keep: Path | None) -> list[Path]:
+    """Delete the oldest checkpoints beyond ``limit``, never ``keep`` (the best). Returns what was deleted."""
+    if limit <= 0:
+        return []
+    ckpts = list_checkpoints(output_dir)
+    removable = [p for p in ckpts if keep is None or p.resolve() != keep.resolve()]
+    excess = len(ckpts) - limit
+    gone = removable[:max(0, excess)]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def resolve_resume(spec: str, output_dir: Path) -> Path:
+    if spec == "latest":
+        ckpts = list_checkpoints(output_dir)
+        if not ckpts:
+            raise CheckpointError(f"resume_from_checkpoint: no checkpoint in {output_dir}; "
+                                  "train without --resume_from_checkpoint")
+        return ckpts[-1]
+    p = Path(spec)
+    if not (p / "trainer_state.json").is_file():
+        raise CheckpointError(f"resume_from_checkpoint: {spec} is not a checkpoint folder (no trainer_state.json); "
+                              "give a checkpoint-STEP folder or 'latest'")
+    return p
+
+
+def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
+    """Refuse, by name, config changes that would make the resumed run differ from the checkpointed one."""
+    from ..config import load_run_config
+
+    try:
+        old = load_run_config(ckpt)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt}: unreadable config ({e})") from None
+    changed = [k for k in RESUME_KEYS if getattr(old, k) != getattr(cfg, k)]
+    if changed:
+        detail = ", ".join(f"{k} ({getattr(old, k)!r} -> {getattr(cfg, k)!r})" for k in changed)
+        raise CheckpointError(f"cannot resume from {ckpt}: changed {detail}; use the checkpoint's values or "
+                              "start a new run")
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore adapter weights, optimizer, schedule and RNG from ``ckpt``; return its TrainState."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(ckpt / "adapter_model.safetensors")
+        state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
+        sched_state = torch.load(ckpt / "scheduler.pt", weights_only=True)
+        rng = torch.load(ckpt / "rng_state.pt", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {str(e)[:120]}); resume from an "
+                              "earlier checkpoint") from None
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(sched_state)
+    set_rng_state(rng)
+    return state

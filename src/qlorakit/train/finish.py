@@ -1,0 +1,81 @@
+"""What a finished run leaves at its output_dir's root: adapter, tokenizer, config, prompt format, card."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..card import write_card
+from ..config import TrainConfig, save_config
+from ..data.formats import Message
+from ..data.templates import render_text, stop_text
+from . import checkpoint as ckpt
+from .progress import Metrics
+
+log = logging.getLogger("qlorakit")
+
+EXAMPLE = (Message("user", "{instruction}"), Message("assistant", "{response}"))
+
+
+def prompt_format_record(cfg: TrainConfig, tokenizer) -> dict:
+    return {"name": cfg.prompt_format, "example": render_text(EXAMPLE, cfg.prompt_format, tokenizer),
+            "stop": stop_text(cfg.prompt_format, tokenizer)}
+
+
+def plot_loss(metrics: list[dict], path: Path) -> bool:
+    """A loss-curve PNG (train and eval loss by epoch); False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [m for m in metrics if "loss" in m]
+    evals = [m for m in metrics if "eval_loss" in m]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([m["epoch"] for m in train], [m["loss"] for m in train], label="train", lw=1)
+    if evals:
+        ax.plot([m["epoch"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per trained token")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.TrainState, stopped: str) -> None:
+    peft_model = getattr(model, "module", model)
+    if cfg.load_best_model_at_end and state.best_step is not None:
+        best = out / f"{ckpt.PREFIX}{state.best_step}"
+        if best.is_dir():
+            from peft.utils import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(peft_model, load_file(best / "adapter_model.safetensors"))
+            log.info("load_best_model_at_end: the adapter at the root is %s's (eval loss %.4f)", best.name,
+                     state.best_eval_loss)
+        else:
+            log.warning("load_best_model_at_end: %s was not saved (save_strategy %s); keeping the last adapter",
+                        best.name, cfg.save_strategy)
+    peft_model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_config(cfg, out / "qlorakit_config.yaml")
+    fmt = prompt_format_record(cfg, tokenizer)
+    (out / "prompt_format.json").write_text(json.dumps(fmt, indent=2))
+    (out / "trainer_state.json").write_text(state.to_json())
+    metrics = Metrics(out / "metrics.jsonl", resume_step=state.step).rows()
+    plot_loss(metrics, out / "loss.png")
+    base_path = peft_model.peft_config["default"].base_model_name_or_path
+    from .loop import default_dataset
+
+    data_path = default_dataset() if cfg.dataset == "default" else Path(cfg.dataset)
+    write_card(cfg, out, base_path, metrics, state.best_step, stopped, fmt["example"], data_path)
+    log.info("run directory: %s (adapter, tokenizer, qlorakit_config.yaml, metrics.jsonl, README.md)", out)
+    if state.best_step is not None:
+        best_epoch = next(m["epoch"] for m in state.eval_history if m["step"] == state.best_step)
+        log.info("best eval loss %.4f at step %d (epoch %.2f)", state.best_eval_loss, state.best_step, best_epoch)

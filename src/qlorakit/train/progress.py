@@ -1,0 +1,83 @@
+"""Progress bar on a terminal, plain log lines elsewhere, and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("qlorakit")
+
+
+def fmt_seconds(s: float) -> str:
+    s = int(max(0, s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+class Progress:
+    """Shows loss, learning rate, tokens/s and time left, every ``every`` steps (a bar on a terminal)."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool = True, stream=None):
+        self.total, self.every, self.enabled = total, every, enabled
+        self.stream = stream or sys.stderr
+        self.t0, self.start = time.perf_counter(), start
+        self.bar = None
+        if enabled and self.stream.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=self.stream,
+                            dynamic_ncols=True)
+
+    def update(self, step: int, epoch: float, loss: float, lr: float, tok_s: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            return
+        if step % self.every and step != self.total:
+            return
+        done = step - self.start
+        left = (time.perf_counter() - self.t0) / done * (self.total - step) if done else 0.0
+        print(f"step {step}/{self.total} epoch {epoch:.2f} loss {loss:.4f} lr {lr:.2e} "
+              f"tok/s {tok_s:,.0f} left {fmt_seconds(left)}", file=self.stream, flush=True)
+
+    def write(self, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Metrics:
+    """Appends one JSON object per line to ``metrics.jsonl``; a resumed run truncates rows past its step."""
+
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]

@@ -1,0 +1,51 @@
+"""Config: YAML then flags (flags win), types checked, every problem reported at once, by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlorakit.cli import main
+from qlorakit.config import ConfigError, build_config
+
+
+def test_defaults_are_the_embedded_job():
+    cfg = build_config([])
+    assert cfg.model_name_or_path == "default" and cfg.dataset == "default"
+    assert (cfg.bits, cfg.quant_type, cfg.double_quant, cfg.lora_modules) == (4, "nf4", True, "all")
+
+
+def test_yaml_then_flags(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("learning_rate: 0.001\nlora_r: 8\ngroup_by_length: true\nlora_modules: [q_proj, v_proj]\n")
+    cfg = build_config([str(y), "--lora_r", "32", "--bf16", "false"])
+    assert cfg.learning_rate == 0.001 and cfg.lora_r == 32 and cfg.bf16 is False and cfg.group_by_length is True
+    assert cfg.lora_modules == "q_proj,v_proj"
+
+
+def test_mpt_flag_accepted():
+    assert build_config(["--mpt", "true"]).mpt is True
+
+
+def test_every_problem_reported_at_once(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("lerning_rate: 0.1\nbits: 3\n")
+    with pytest.raises(ConfigError) as e:
+        build_config([str(y), "--bf16", "maybe", "--optim", "adam", "--per_device_train_batch_size", "0"])
+    msg = str(e.value)
+    for part in ("lerning_rate", "did you mean 'learning_rate'", "bits", "bf16", "'maybe'", "optim",
+                 "per_device_train_batch_size", str(y)):
+        assert part in msg, part
+
+
+def test_cli_reports_config_error_in_one_line(capsys):
+    assert main(["train", "--no_such_key", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no_such_key" in err and "Traceback" not in err
+
+
+def test_bad_yaml_names_line(tmp_path, capsys):
+    y = tmp_path / "broken.yaml"
+    y.write_text("lora_r: 8\nlearning_rate: [1,\n")
+    assert main(["train", str(y)]) == 2
+    err = capsys.readouterr().err
+    assert "broken.yaml:" in err and "Traceback" not in err
