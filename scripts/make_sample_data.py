@@ -7,8 +7,9 @@ Run from the repository root::
 
 Files written (paths relative to the output root):
 
-* ``src/qlorakit/defaults/sample_airoboros.jsonl``      ~320 training rows, airoboros 1.4 layout
-  (``instruction``/``response``/``category``); ~70% closed-context questions, ~30% short general tasks.
+* ``src/qlorakit/defaults/sample_airoboros.jsonl``      ~200 training rows, airoboros 1.4 layout
+  (``instruction``/``response``/``category``); ~75% closed-context questions, ~25% short general tasks. Sized so that
+  two epochs of the default job fit in a few minutes on a 2-core CPU.
 * ``src/qlorakit/defaults/heldout_closed_context.jsonl`` 40 closed-context rows whose invented names, urls and
   answers never occur in the training file; extra keys ``answer`` (fact a correct response contains) and
   ``source`` (url it must cite).
@@ -54,7 +55,7 @@ HELDOUT_DOMAINS = ["example-herald.org", "example-chronicle.net", "example-revie
 TEMPLATE_TOKENS = 32    # SmolLM2 chat template overhead (default system prompt + turn markers)
 # Paragraph lengths in words (before the last sentence is added). The airoboros scaffolding costs ~170 SmolLM2
 # tokens on its own (every digit is a token), so these keep most one-input rows at ~200-260 rendered tokens.
-WORDS_ONE, WORDS_TWO_FACTS, WORDS_TWO_INPUTS = (25, 42), (20, 32), (22, 30)
+WORDS_ONE, WORDS_TWO_FACTS, WORDS_TWO_INPUTS = (16, 30), (18, 28), (16, 24)
 
 
 class Names:
@@ -353,11 +354,11 @@ def airoboros(row: dict) -> dict:
 
 
 def build_training() -> tuple[list[dict], Names]:
-    """~320 rows: 224 closed-context (single fact, two facts, two inputs) and 96 general, shuffled."""
+    """~200 rows: 150 closed-context (single fact, two facts, two inputs) and 50 general, shuffled."""
     r = random.Random(SEEDS["train"])
     nm = Names(r, TRAIN_ONSETS)
     rows, seen = [], set()
-    for i in range(224):
+    for i in range(150):
         kind = i % 10  # 0-6: one input, one question; 7-8: two questions; 9: two inputs
         if kind < 7:
             rows.append(closed_context_row(r, nm, TRAIN_DOMAINS, 1, 1, WORDS_ONE))
@@ -365,7 +366,7 @@ def build_training() -> tuple[list[dict], Names]:
             rows.append(closed_context_row(r, nm, TRAIN_DOMAINS, 1, 2, WORDS_TWO_FACTS))
         else:
             rows.append(closed_context_row(r, nm, TRAIN_DOMAINS, 2, 1, WORDS_TWO_INPUTS))
-    while len(rows) < 320:
+    while len(rows) < 200:
         row = general_row(r)
         if row["instruction"] not in seen:
             seen.add(row["instruction"])

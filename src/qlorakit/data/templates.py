@@ -128,3 +128,31 @@ def stop_text(fmt_name: str, tokenizer) -> str:
 
 def conversation_segments(conv: Conversation, fmt_name: str, tokenizer) -> list[Segment]:
     return render_segments(conv.messages, fmt_name, tokenizer)
+
+
+def _split(template: str, slot: str) -> tuple[str, str]:
+    before, after = template.split(slot)
+    return before, after
+
+
+def chat_template(fmt_name: str, tokenizer) -> str:
+    """A Jinja ``chat_template`` that renders exactly what ``render_segments`` renders for training, so
+    ``apply_chat_template(..., add_generation_prompt=True)`` gives the prompt the model was trained to continue."""
+    if fmt_name == "tokenizer":
+        return tokenizer.chat_template
+    fmt = FORMATS[fmt_name]
+    q = lambda s: repr(s)  # noqa: E731  (a Python string literal is a valid Jinja string literal here)
+    head_pre, head_post = _split(fmt.head, "{system}")
+    user_pre, user_post = _split(fmt.user, "{content}")
+    end = q(fmt.end).replace("{eos}", "' + eos_token + '") if "{eos}" in fmt.end else q(fmt.end)
+    return (
+        "{%- set ns = namespace(system=" + q(fmt.default_system) + ", start=0) -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}{%- endif -%}"
+        "{%- if ns.system -%}{{ " + q(head_pre) + " + ns.system + " + q(head_post) + " }}{%- endif -%}"
+        "{%- for m in messages[ns.start:] -%}"
+        "{%- if m['role'] == 'user' -%}{{ " + q(user_pre) + " + m['content'] + " + q(user_post) + " }}"
+        "{%- elif m['role'] == 'assistant' -%}{{ m['content'] + " + end + " }}"
+        "{%- if not loop.last -%}{{ " + q(fmt.after) + " }}{%- endif -%}"
+        "{%- endif -%}{%- endfor -%}"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -54,9 +55,9 @@ def trainable_report(model: nn.Module) -> tuple[list[str], int, int]:
     per_kind: dict[str, int] = defaultdict(int)
     trainable = total = 0
     for name, p in model.named_parameters():
-        n = p.numel()
-        if hasattr(p, "quant_state") or p.dtype == torch.uint8:  # packed 4-bit: two values per byte
-            n *= 2
+        quant_state = getattr(p, "quant_state", None)
+        # Packed 4-bit weights: count the values they hold, not their storage elements.
+        n = math.prod(quant_state.shape) if quant_state is not None else p.numel()
         total += n
         if p.requires_grad:
             trainable += n
