@@ -125,16 +125,31 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def prune_checkpoints(output_dir: Path, limit: int, keep: Path | None) -> list[Path]:
-    """Delete the oldest checkpoints beyond ``limit``, never ``keep`` (the best). Returns what was deleted."""
+    """Delete the oldest checkpoints beyond ``limit``, never ``keep`` (the best) nor the newest (what a resume
+    continues from), so limit 1 with a best that is not the newest keeps two. Returns what was deleted."""
     if limit <= 0:
         return []
     ckpts = list_checkpoints(output_dir)
-    removable = [p for p in ckpts if keep is None or p.resolve() != keep.resolve()]
+    removable = [p for p in ckpts[:-1] if keep is None or p.resolve() != keep.resolve()]
     excess = len(ckpts) - limit
     gone = removable[:max(0, excess)]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
+
+
+def recover_partial_saves(output_dir: Path) -> None:
+    """Tidy what a process killed inside ``save_checkpoint`` left: a temporary folder is deleted; the previous copy
+    of a re-saved step, moved aside just before the swap, is put back if the new one never took its place."""
+    for p in Path(output_dir).glob(f".{PREFIX}*"):
+        m = re.fullmatch(rf"\.{PREFIX}(\d+)\.(tmp|old)-\d+", p.name)
+        if not m or not p.is_dir():
+            continue
+        final = p.parent / f"{PREFIX}{m.group(1)}"
+        if m.group(2) == "old" and not final.exists() and (p / "trainer_state.json").is_file():
+            os.rename(p, final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def resolve_resume(spec: str, output_dir: Path) -> Path:

@@ -50,7 +50,7 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
 
 def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.TrainState, stopped: str) -> None:
     peft_model = getattr(model, "module", model)
-    if cfg.load_best_model_at_end and state.best_step is not None:
+    if cfg.load_best_model_at_end and state.best_step is not None and state.best_step != state.step:  # else: in memory
         best = out / f"{ckpt.PREFIX}{state.best_step}"
         if best.is_dir():
             from peft.utils import set_peft_model_state_dict

@@ -143,6 +143,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     use_bf16 = cfg.use_bf16()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        ckpt.recover_partial_saves(out)  # what a run killed inside a save left behind
+    dist.barrier(info)
+    resume_path = None
+    if cfg.resume_from_checkpoint:  # refused before any time goes into loading the model
+        resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, out)
+        ckpt.check_resumable(resume_path, cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -183,8 +190,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     state = ckpt.TrainState(total_steps=total_steps, world_size=info.world_size)
     resume_step = None
     if cfg.resume_from_checkpoint:
-        path = ckpt.resolve_resume(cfg.resume_from_checkpoint, out)
-        ckpt.check_resumable(path, cfg)
+        path = resume_path
         state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
         if state.world_size != info.world_size:
             raise ckpt.CheckpointError(f"cannot resume from {path}: it was written by {state.world_size} processes, "
@@ -218,17 +224,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
             state.evals_without_improvement += 1
             if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
                 stopped = "early_stopping"
+                if info.is_main:
+                    log.info("early stopping: no lower eval loss in %d evaluations; the best was at step %d",
+                             state.evals_without_improvement, state.best_step)
 
     def save_now() -> None:
         adapter = _adapter_state(model)
         if info.is_main:
+            from safetensors import SafetensorError
+
             try:
                 path = ckpt.save_checkpoint(out, getattr(model, "module", model), optimizer, scheduler, state, cfg,
                                             adapter_state=adapter)
-            except OSError as e:
+            except (OSError, SafetensorError) as e:  # SafetensorError: an I/O error writing the adapter
                 last = ckpt.list_checkpoints(out)
                 keep = f"; {last[-1].name} is intact" if last else ""
-                raise TrainingStopped(f"saving checkpoint-{state.step} failed: {e.strerror or e}{keep}") from None
+                why = getattr(e, "strerror", None) or e
+                raise TrainingStopped(f"saving checkpoint-{state.step} failed: {why}{keep}") from None
             best = out / f"{ckpt.PREFIX}{state.best_step}" if state.best_step is not None else None
             for gone in ckpt.prune_checkpoints(out, cfg.save_total_limit, best):
                 log.info("removed %s (save_total_limit %d)", gone.name, cfg.save_total_limit)
@@ -289,7 +301,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                         (cfg.eval_strategy == "epoch" and epoch_end):
                     evaluate_now()
                 if stop.requested or (cfg.save_strategy == "steps" and state.step % cfg.save_steps == 0) or \
-                        (cfg.save_strategy == "epoch" and epoch_end):
+                        (cfg.save_strategy == "epoch" and epoch_end) or \
+                        (cfg.load_best_model_at_end and state.best_step == state.step):  # the best must be kept
                     save_now()
                 if stop.requested:
                     stopped = "interrupted"
@@ -299,8 +312,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     if stopped == "interrupted":
         if info.is_main:
-            log.warning("stopped by %s at step %d; continue with --resume_from_checkpoint latest", stop.requested,
-                        state.step)
+            log.warning("stopped by %s at step %d and saved %s; to continue, run the same command with "
+                        "--resume_from_checkpoint latest", stop.requested, state.step,
+                        out / f"{ckpt.PREFIX}{state.step}")
         dist.shutdown(info)
         return RunResult(out, state.step, last_loss, stopped, state.best_step, state.best_eval_loss)
 

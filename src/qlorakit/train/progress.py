@@ -59,6 +59,14 @@ class Progress:
             self.bar.close()
 
 
+def _step(line: str) -> float:
+    """The step of a metrics row; infinite for a line a killed run left half-written, so it is dropped."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")
+
+
 class Metrics:
     """Appends one JSON object per line to ``metrics.jsonl``; a resumed run truncates rows past its step."""
 
@@ -69,7 +77,7 @@ class Metrics:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [ln for ln in path.read_text().splitlines() if ln and _step(ln) <= resume_step]
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, row: dict) -> None:

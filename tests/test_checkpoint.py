@@ -1,0 +1,247 @@
+"""Checkpoints: exact resume after SIGKILL, atomic saves, pruning that keeps the best, refused config changes,
+and SIGTERM / Ctrl-C handling."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import airoboros_rows, write_jsonl
+from qlorakit.cli import main
+from qlorakit.config import build_config, save_config
+from qlorakit.train import checkpoint as ckpt
+from qlorakit.train import loop
+from test_accumulation import rel_diff
+
+RESUME = ["--optim", "adamw_torch", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.25", "--lora_dropout", "0.1",
+          "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--per_device_train_batch_size", "2",
+          "--learning_rate", "0.01", "--eval_dataset_size", "0"]
+
+
+def adapter(path: Path, only_b: bool = False) -> dict:
+    w = load_file(path / "adapter_model.safetensors")
+    return {k: v for k, v in w.items() if "lora_B" in k or not only_b}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def start_train(args: list[str], log: Path) -> subprocess.Popen:
+    """``python -m qlorakit train ARGS`` in its own process, stdout and stderr to ``log``."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    with log.open("w") as f:
+        return subprocess.Popen([sys.executable, "-m", "qlorakit", "train", *args], stdout=f, stderr=subprocess.STDOUT,
+                                env=env, cwd=log.parent)
+
+
+def wait_until(ready, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    t0 = time.monotonic()
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"training exited with {proc.returncode} too early:\n{log.read_text()[-2000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"timed out waiting:\n{log.read_text()[-2000:]}")
+        time.sleep(0.005)
+
+
+def test_resume_after_sigkill_is_exact(tiny_llama, tmp_path):
+    """Killed right after checkpoint-4 (mid-epoch: 12 rows, 6 steps per epoch), resumed with 'latest': the adapter
+    and every logged loss equal those of an uninterrupted run (dropout RNG, data position, schedule and AdamW
+    state all restored)."""
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(12))
+    common = ["--model_name_or_path", str(tiny_llama), "--dataset", str(data), *RESUME]
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
+    proc = start_train([*common, "--output_dir", str(killed)], log)
+    try:
+        wait_until(lambda: (killed / "checkpoint-4" / "trainer_state.json").exists(), proc, log)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]  # killed, not finished
+    assert not (killed / "adapter_model.safetensors").exists() and not (killed / "checkpoint-8").exists()
+    state = json.loads((killed / "checkpoint-4" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (4, 0, 4)
+
+    assert main(["train", *common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"]) == 0
+    full = tmp_path / "full"
+    assert main(["train", *common, "--output_dir", str(full)]) == 0
+
+    assert rel_diff(adapter(full, only_b=True), adapter(killed, only_b=True)) < 1e-3  # B starts at 0: all learned
+    assert rel_diff(adapter(full), adapter(killed)) < 1e-3
+    resumed = [r for r in metrics(killed) if "loss" in r]
+    assert [r["step"] for r in resumed] == list(range(1, 9))  # one row per step, none twice
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in metrics(full)], rel=1e-5)
+    assert [r["learning_rate"] for r in resumed] == pytest.approx([r["learning_rate"] for r in metrics(full)])
+
+
+class _FailingSave:
+    """Raises ENOSPC while writing ``checkpoint-2`` (its optimizer state or its adapter), after a partial write."""
+
+    def __init__(self, monkeypatch, what: str):
+        import peft.peft_model
+        import torch
+
+        real_torch_save, real_save_file = torch.save, peft.peft_model.safe_save_file
+
+        def torch_save(obj, f, *a, **kw):
+            if what == "optimizer" and Path(f).name == "optimizer.pt" and ".checkpoint-2." in str(f):
+                Path(f).write_bytes(b"\0" * 100)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_torch_save(obj, f, *a, **kw)
+
+        def save_file(tensors, filename, *a, **kw):
+            if what == "adapter" and ".checkpoint-2." in str(filename):
+                from safetensors import SafetensorError
+
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real_save_file(tensors, filename, *a, **kw)
+
+        monkeypatch.setattr(torch, "save", torch_save)
+        monkeypatch.setattr(peft.peft_model, "safe_save_file", save_file)
+
+
+@pytest.mark.parametrize("what", ["optimizer", "adapter"])
+def test_failed_save_leaves_previous_checkpoint_usable(what, tiny_llama, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(6))
+    out = tmp_path / "run"
+    args = ["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+            "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "2",
+            "--learning_rate", "0.01", "--save_total_limit", "0"]
+    _FailingSave(monkeypatch, what)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "checkpoint-2" in errors[0] and "No space left on device" in errors[0]
+    assert "checkpoint-1 is intact" in errors[0]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1"]
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no temp folder left
+    monkeypatch.undo()
+
+    if what == "optimizer":  # resuming with a changed batch size is refused by name, before any model is loaded
+        assert main([*args, "--resume_from_checkpoint", "latest", "--per_device_train_batch_size", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "per_device_train_batch_size (2 -> 1)" in err and "Traceback" not in err
+        assert err.count("\n") == 1
+
+    assert main([*args, "--resume_from_checkpoint", "latest"]) == 0  # checkpoint-1 loads and the run completes
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def test_partial_saves_of_a_killed_run_are_cleaned_or_recovered(tmp_path):
+    """A kill inside a save leaves a temporary folder (removed at the next start) or, when re-saving a step, the
+    previous copy under a hidden name (put back)."""
+    out = tmp_path / "run"
+    for name in ("checkpoint-2", ".checkpoint-4.tmp-123", ".checkpoint-3.old-77"):
+        (out / name).mkdir(parents=True)
+        (out / name / "trainer_state.json").write_text("{}")
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    ckpt.recover_partial_saves(out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_resume_refuses_changed_keys_by_name(tmp_path):
+    args = ["--dataset", str(tmp_path / "d.jsonl"), "--output_dir", str(tmp_path / "run")]
+    c = tmp_path / "run" / "checkpoint-3"
+    c.mkdir(parents=True)
+    save_config(build_config(args), c / "qlorakit_config.yaml")
+    (c / "trainer_state.json").write_text("{}")
+    ckpt.check_resumable(c, build_config([*args, "--logging_steps", "5", "--save_steps", "7"]))  # harmless changes
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_resumable(c, build_config([*args, "--learning_rate", "1e-3", "--lora_r", "8"]))
+    assert "learning_rate (0.0002 -> 0.001)" in str(e.value) and "lora_r (16 -> 8)" in str(e.value)
+
+
+def _fake_eval(monkeypatch, values: list[float]):
+    it = iter(values)
+
+    def fake(model, examples, **kw):
+        v = next(it)
+        return {"eval_loss": v, "eval_perplexity": math.exp(v), "eval_tokens": 10}
+
+    monkeypatch.setattr(loop, "eval_loss", fake)
+
+
+def test_save_total_limit_prunes_oldest_never_best_nor_newest(tiny_llama, tmp_path, monkeypatch, caplog):
+    import logging
+
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(10))
+    out = tmp_path / "run"
+    _fake_eval(monkeypatch, [3.0, 1.0, 2.0, 4.0])  # the best is step 2
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
+                     str(out), "--eval_dataset_size", "2", "--eval_strategy", "steps", "--eval_steps", "1",
+                     "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1", "--max_steps", "4",
+                     "--per_device_train_batch_size", "2", "--learning_rate", "0.01",
+                     "--load_best_model_at_end", "true"]) == 0
+    # limit 1 keeps the best and, so that a resume loses nothing, the newest
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    assert "removed checkpoint-1 (save_total_limit 1)" in caplog.text
+    assert rel_diff(adapter(out / "checkpoint-2"), adapter(out)) == 0  # the best adapter is at the root
+    assert rel_diff(adapter(out / "checkpoint-4"), adapter(out)) > 0
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_llama, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(10))
+    out, log = tmp_path / "run", tmp_path / "term.log"
+    common = ["--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+              "--max_steps", "5", "--save_strategy", "no", "--per_device_train_batch_size", "2",
+              "--learning_rate", "0.01"]
+    proc = start_train(common, log)
+    try:
+        metrics_file = out / "metrics.jsonl"
+        wait_until(lambda: metrics_file.exists() and metrics_file.stat().st_size > 0, proc, log)  # step 1 done
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    text = log.read_text()
+    assert rc == 130, text[-2000:]
+    assert "Traceback" not in text
+    saved = ckpt.list_checkpoints(out)
+    assert len(saved) == 1, text[-2000:]
+    step = int(saved[0].name.split("-")[1])
+    assert 1 <= step < 5
+    last = text.strip().splitlines()[-1]
+    assert "SIGTERM" in last and saved[0].name in last and "--resume_from_checkpoint latest" in last, last
+    assert not (out / "adapter_model.safetensors").exists()  # not mistaken for a finished run
+
+    assert main(["train", *common, "--resume_from_checkpoint", "latest"]) == 0
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_second_ctrl_c_aborts_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    with loop.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested == "SIGINT"  # the first asks for a checkpoint at the step's end
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_metrics_of_a_killed_run_are_cut_back_to_the_checkpoint(tmp_path):
+    from qlorakit.train.progress import Metrics
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "eval_loss": 1.5}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    m = Metrics(p, resume_step=2)  # the row of step 3 and the half-written one are gone
+    assert [r["step"] for r in m.rows()] == [1, 2]
