@@ -1,0 +1,80 @@
+"""Non-finite numbers: a step whose loss or gradient is NaN/inf is skipped and logged; max_nonfinite_steps in a row
+stop the run with one line, and the last good checkpoint stays intact."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import airoboros_rows, write_jsonl
+from qlorakit.cli import main
+from qlorakit.train import checkpoint as ckpt
+from qlorakit.train import loop
+
+
+def poison(monkeypatch, bad_steps: set[int], kind: str) -> list[dict]:
+    """Make the loss (kind 'loss') or one gradient (kind 'grad') non-finite in ``bad_steps`` (1-based). Returns the
+    trainable parameters as they were at the start of each step."""
+    real = loop.accumulate
+    before: list[dict] = []
+
+    def fake(model, batches, *a, **kw):
+        before.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        loss = real(model, batches, *a, **kw)
+        if len(before) in bad_steps:
+            if kind == "loss":
+                return float("nan")
+            p = next(p for p in model.parameters() if p.requires_grad and p.grad is not None)
+            p.grad.view(-1)[0] = float("inf")
+        return loss
+
+    monkeypatch.setattr(loop, "accumulate", fake)
+    return before
+
+
+def same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def run_args(model, data, out, *extra):
+    return ["train", "--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--learning_rate", "0.01", "--warmup_ratio", "0", *extra]
+
+
+def test_nonfinite_gradient_skips_one_update_and_training_goes_on(tiny_llama, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(6))
+    out = tmp_path / "run"
+    before = poison(monkeypatch, {2}, "grad")
+    assert main(run_args(tiny_llama, data, out, "--max_steps", "3", "--save_strategy", "no")) == 0
+    err = capsys.readouterr().err
+    assert "step 2: non-finite" in err and "update skipped" in err, err
+    assert not same(before[0], before[1])  # step 1 updated the adapter
+    assert same(before[1], before[2])  # step 2 did not
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["grad_norm"] == float("inf")
+    assert all(torch.isfinite(v).all() for v in load_file(out / "adapter_model.safetensors").values())
+
+
+def test_nonfinite_loss_in_a_row_stops_with_last_good_checkpoint(tiny_llama, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(12))
+    out = tmp_path / "run"
+    before = poison(monkeypatch, {3, 4, 5, 6}, "loss")
+    assert main(run_args(tiny_llama, data, out, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+                         "--max_nonfinite_steps", "2")) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "2 steps in a row had a non-finite loss or gradient (last at step 4)" in errors[0]
+    assert str(out / "checkpoint-2") in errors[0] and "learning_rate" in errors[0]
+    assert "step 3: non-finite loss nan" in err and "step 4: non-finite loss nan" in err
+    assert len(before) == 4  # stopped at step 4, never reached step 5
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
+    saved = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+    last_good = before[2]  # the adapter at the start of step 3 == after step 2
+    assert same(before[2], before[3])  # step 3's update was skipped
+    by_key = {k.replace(".default", ""): v for k, v in last_good.items()}
+    assert saved.keys() <= by_key.keys() and all(torch.equal(saved[k], by_key[k]) for k in saved)
