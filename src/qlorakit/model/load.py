@@ -164,3 +164,49 @@ def enable_gradient_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def dense_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes the quantized linear weights of ``model`` would take dequantized to ``dtype``."""
+    import math
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    return sum(math.prod(p.quant_state.shape) * size for p in model.parameters()
+               if getattr(p, "quant_state", None) is not None)
+
+
+def should_cache_dequantized(setting: str, model, dtype: torch.dtype, device: torch.device) -> bool:
+    if setting != "auto":
+        return setting == "true"
+    if device.type != "cpu":
+        return False  # on a GPU, 4-bit weights exist to save memory; dequantizing on the fly is cheap there
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return False
+    return dense_bytes(model, dtype) < free / 4
+
+
+def cache_dequantized(model, dtype: torch.dtype) -> int:
+    """Replace each 4-bit linear layer by a frozen dense one holding its dequantized weight; returns how many.
+
+    The dense weight is exactly what bitsandbytes dequantizes on every call, so the outputs are identical; the
+    work of dequantizing moves from every forward and backward to once.
+    """
+    import bitsandbytes as bnb
+    from torch import nn
+
+    replaced = 0
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, bnb.nn.Linear4bit):
+            continue
+        w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(dtype)
+        dense = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=w.device,
+                          dtype=dtype)
+        dense.weight = nn.Parameter(w, requires_grad=False)
+        if mod.bias is not None:
+            dense.bias = nn.Parameter(mod.bias.data.to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
+        replaced += 1
+    return replaced

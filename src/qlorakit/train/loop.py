@@ -19,7 +19,8 @@ from ..data.batching import collate, epoch_order, plan_steps
 from ..data.formats import Conversation, read_jsonl
 from ..data.tokenize import Example, tokenize_all
 from ..evaluate import eval_loss
-from ..model.load import (enable_gradient_checkpointing, load_base_model, load_tokenizer, resolve_model_path,
+from ..model.load import (cache_dequantized, enable_gradient_checkpointing, load_base_model,
+                          should_cache_dequantized, load_tokenizer, resolve_model_path,
                           device_for_training)
 from ..model.lora import add_lora, target_modules, trainable_report
 from . import checkpoint as ckpt
@@ -122,7 +123,13 @@ def build_model(cfg: TrainConfig, device: torch.device):
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
     model = load_base_model(path, bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                             bf16=cfg.use_bf16(), trust_remote_code=cfg.trust_remote_code, device=device)
-    if cfg.gradient_checkpointing:
+    dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
+    if cfg.bits == 4 and should_cache_dequantized(cfg.cache_dequantized, model, dtype, device):
+        n = cache_dequantized(model, dtype)
+        log.info("cache_dequantized: %d 4-bit layers dequantized once to %s (numerically identical; the model "
+                 "now takes %s MB)", n, str(dtype).removeprefix("torch."),
+                 f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:,.0f}")
+    if cfg.use_gradient_checkpointing():
         enable_gradient_checkpointing(model)
     modules = target_modules(model, cfg.lora_modules)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, modules=modules,
