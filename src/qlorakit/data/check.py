@@ -33,8 +33,8 @@ def marked_example(ex, tokenizer) -> str:
 def check_file(cfg: TrainConfig) -> str:
     from ..model.load import load_tokenizer, resolve_model_path
 
+    convs = read_jsonl(Path(cfg.dataset), cfg.dataset_format)  # bad data is reported before any model loads
     tokenizer = load_tokenizer(resolve_model_path(cfg.model_name_or_path), cfg.trust_remote_code)
-    convs = read_jsonl(Path(cfg.dataset), cfg.dataset_format)
     full = [tokenize_conversation(c, tokenizer, cfg.prompt_format, cfg.train_on_source) for c in convs]
     lengths = sorted(len(e) for e in full)
     over = [e.source for e in full if len(e) > cfg.model_max_len]

@@ -1,0 +1,168 @@
+"""Bad input through the CLI ends in one line on stderr and exit status 2, never a traceback; awkward but valid
+input (a tokenizer without a pad token, a row whose response is cut away) trains."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+
+import pytest
+
+from conftest import write_jsonl
+from qlorakit.cli import main
+
+GOOD = '{"instruction": "Say yes.", "response": "Yes."}'
+
+# name: (file content, or None for no file; what the one line must say)
+BAD_FILES = {
+    "invalid_json": (GOOD + '\n{"instruction": "a", "response": }', [":2:", "invalid JSON"]),
+    "missing_field": (GOOD + '\n{"instruction": "a"}', [":2:", "missing field 'response'"]),
+    "misnamed_field": (GOOD + '\n{"instruction": "a", "respons": "b"}', [":2:", "'response'", "respons"]),
+    "unknown_layout": ('{"question": "a", "answer": "b"}', [":1:", "cannot tell the row layout", "question"]),
+    "wrong_type": (GOOD + '\n{"instruction": "a", "response": ["b"]}', [":2:", "must be a string, got list"]),
+    "not_utf8": ((GOOD + '\n{"instruction": "caf\xe9", "response": "b"}').encode("latin-1"),
+                 [":2:", "not UTF-8", "UTF-8"]),
+    "blank_response": (GOOD + '\n{"instruction": "a", "response": "   "}', [":2:", "'response' is blank"]),
+    "not_an_object": (GOOD + "\n[1, 2]", [":2:", "expected a JSON object, got list"]),
+    "empty_file": ("", ["has no rows"]),
+    "only_blank_lines": ("\n  \n\n", ["has no rows"]),
+    "no_assistant_reply": ('{"messages": [{"role": "user", "content": "hi"}]}', [":1:", "last message"]),
+    "nonexistent": (None, ["no such file"]),
+}
+
+
+def make(tmp_path, name):
+    content, want = BAD_FILES[name]
+    p = tmp_path / f"{name}.jsonl"
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    elif content is not None:
+        p.write_text(content + ("\n" if content else ""), encoding="utf-8")
+    return p, want
+
+
+def one_line_error(capsys, command: str) -> str:
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err and cap.out == ""
+    assert cap.err.count("\n") == 1 and cap.err.startswith(f"qlorakit {command}: error: "), cap.err
+    return cap.err
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_training_file(name, tmp_path, capsys):
+    p, want = make(tmp_path, name)
+    assert main(["train", "--dataset", str(p), "--output_dir", str(tmp_path / "out")]) == 2
+    err = one_line_error(capsys, "train")
+    assert p.name in err and all(w in err for w in want), err
+
+
+@pytest.mark.parametrize("name", BAD_FILES)
+def test_bad_file_in_data_check(name, tmp_path, capsys):
+    p, want = make(tmp_path, name)
+    assert main(["data", "check", str(p)]) == 2
+    err = one_line_error(capsys, "data")
+    assert p.name in err and all(w in err for w in want), err
+
+
+def test_bad_eval_file(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "t.jsonl", [GOOD])
+    p, want = make(tmp_path, "blank_response")
+    assert main(["train", "--dataset", str(train), "--eval_dataset", str(p)]) == 2
+    err = one_line_error(capsys, "train")
+    assert p.name in err and all(w in err for w in want)
+
+
+def test_directory_as_dataset(tmp_path, capsys):
+    assert main(["train", "--dataset", str(tmp_path)]) == 2
+    assert "is a directory" in one_line_error(capsys, "train")
+
+
+BAD_CONFIG = [
+    (["--learning_rate", "abc"], ["learning_rate", "'abc'", "not a number"]),
+    (["--max_steps", "1.5"], ["max_steps", "not an integer"]),
+    (["--per_device_train_batch_size", "0"], ["per_device_train_batch_size", "at least 1"]),
+    (["--lora_dropout", "1"], ["lora_dropout", "[0, 1)"]),
+    (["--warmup_ratio", "-0.1"], ["warmup_ratio"]),
+    (["--bits", "3"], ["bits", "not one of 4, 8, 16"]),
+    (["--eval_strategy", "sometimes"], ["eval_strategy", "sometimes"]),
+    (["--bf16", "maybe"], ["bf16", "maybe"]),
+    (["--packing", "yes"], ["packing", "true or false"]),
+    (["--lerning_rate", "1e-4"], ["lerning_rate", "did you mean 'learning_rate'"]),
+    (["--max_steps"], ["--max_steps needs a value"]),
+    (["--eval_strategy", "no", "--load_best_model_at_end", "true"], ["load_best_model_at_end", "needs evaluation"]),
+    (["--eval_dataset_size", "2.5"], ["eval_dataset_size", "whole"]),
+    (["--max_nonfinite_steps", "0"], ["max_nonfinite_steps"]),
+    (["--nproc", "two"], ["--nproc", "whole number"]),
+    (["no_such_config.yaml"], ["no_such_config.yaml", "does not exist"]),
+]
+
+
+@pytest.mark.parametrize("args,want", BAD_CONFIG, ids=[" ".join(a) for a, _ in BAD_CONFIG])
+def test_bad_config_value(args, want, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "t.jsonl", [GOOD])
+    assert main(["train", "--dataset", str(data), "--output_dir", str(tmp_path / "out"), *args]) == 2
+    err = one_line_error(capsys, "train")
+    assert all(w in err for w in want), err
+
+
+@pytest.mark.parametrize("args,want", [
+    (["--model_name_or_path", "/no/such/model"], ["model_name_or_path", "/no/such/model", "does not exist"]),
+    (["--model_name_or_path", "{tmp}"], ["model_name_or_path", "no config.json"]),
+    (["--resume_from_checkpoint", "latest"], ["resume_from_checkpoint", "no checkpoint in"]),
+    (["--resume_from_checkpoint", "{tmp}"], ["resume_from_checkpoint", "not a checkpoint folder"]),
+])
+def test_bad_model_or_checkpoint_path(args, want, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "t.jsonl", [GOOD])
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["train", "--dataset", str(data), "--output_dir", str(tmp_path / "out"), *args]) == 2
+    err = one_line_error(capsys, "train")
+    assert all(w in err for w in want), err
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["data"], "usage: qlorakit data check FILE"),
+    (["data", "check"], "usage: qlorakit data check FILE"),
+    (["data", "check", "x.jsonl", "--model_max_len", "0"], "model_max_len: must be at least 1"),
+    (["data", "check", "x.jsonl", "--prompt_format", "llama9"], "prompt_format"),
+])
+def test_bad_data_check_arguments(argv, want, capsys):
+    assert main(argv) == 2
+    assert want in one_line_error(capsys, "data")
+
+
+def test_no_training_example_left(tiny_llama, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "word " * 100, "response": "ok"}])
+    assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
+                 str(tmp_path / "out"), "--model_max_len", "32"]) == 2
+    assert "no training example left after applying model_max_len" in one_line_error(capsys, "train")
+
+
+def test_tokenizer_without_pad_and_a_fully_masked_row_train(tiny_llama, tmp_path, caplog):
+    """A tokenizer with no pad token trains padded batches; a row whose response is cut away by model_max_len
+    (truncate) is dropped and counted, never a NaN loss."""
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "nopad"
+    shutil.copytree(tiny_llama, model)
+    cfg_path = model / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg.pop("pad_token", None)
+    cfg_path.write_text(json.dumps(tok_cfg))
+    assert AutoTokenizer.from_pretrained(model).pad_token is None  # the premise
+
+    rows = [{"instruction": "Say yes.", "response": "Yes, indeed it is so."},
+            {"instruction": "Describe " + "the long river " * 40, "response": "It is long."},
+            {"instruction": "Say no.", "response": "No."}]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        assert main(["train", "--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(out),
+                     "--model_max_len", "64", "--truncation", "truncate", "--packing", "false",
+                     "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_strategy", "no",
+                     "--eval_dataset_size", "0", "--learning_rate", "0.01"]) == 0
+    assert "train: 2 examples kept" in caplog.text
+    assert f"train: 1 dropped: no trained token left (prompt fills model_max_len) (e.g. {data}:2)" in caplog.text
+    losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
