@@ -1,0 +1,71 @@
+"""``qlorakit data check FILE``: row count, token-length percentiles, rows over the limit, trained-token share, and
+the rendered example with « » around exactly the trained tokens."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import write_jsonl
+from qlorakit.cli import main
+from qlorakit.data.formats import read_jsonl
+from qlorakit.data.templates import render_text
+from qlorakit.data.tokenize import tokenize_all, tokenize_conversation
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_llama):
+    from qlorakit.model.load import load_tokenizer
+
+    return load_tokenizer(str(tiny_llama))
+
+
+def check(capsys, path, model, *extra) -> str:
+    assert main(["data", "check", str(path), "--model_name_or_path", str(model), *extra]) == 0
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err
+    return cap.out
+
+
+def test_data_check_reports_lengths_limit_share_and_marked_example(tiny_llama, tok, tmp_path, capsys):
+    rows = [{"instruction": "Say yes.", "response": "Yes indeed."},
+            {"instruction": "Name a river.", "response": "The Nile is one of them."},
+            {"instruction": "Count.", "response": "one two three four five six seven"},
+            {"instruction": "Describe the long river " + "again " * 60, "response": "It is long."},
+            {"instruction": "Why?", "response": "Because " + "it rains and " * 12 + "so on."}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = check(capsys, path, tiny_llama, "--model_max_len", "64")
+
+    convs = read_jsonl(path)
+    lengths = sorted(len(tokenize_conversation(c, tok, "airoboros")) for c in convs)
+    over = [c.source for c in convs if len(tokenize_conversation(c, tok, "airoboros")) > 64]
+    assert len(over) == 2  # the long prompt and the long reply
+    kept, _ = tokenize_all(convs, tok, "airoboros", 64)
+    trained, total = sum(e.n_trained for e in kept), sum(len(e) for e in kept)
+
+    assert "rows: 5\n" in out
+    m = re.search(r"tokens per row: p0=(\d+) p50=(\d+) p90=(\d+) p99=(\d+) p100=(\d+)", out)
+    assert m, out
+    assert [int(x) for x in m.groups()] == [lengths[0], lengths[2], lengths[4], lengths[4], lengths[4]]
+    assert f"rows over model_max_len 64: 2 (policy 'truncate'; e.g. {over[0]}, {over[1]})" in out
+    assert f"1 dropped: no trained token left (prompt fills model_max_len) (e.g. {convs[3].source})" in out
+    assert f"trained tokens: {trained} of {total} ({100 * trained / total:.1f}%)" in out
+
+    example = out.rstrip("\n").split("\n")[-1]
+    rendered = render_text(convs[0].messages, "airoboros", tok)
+    reply = "Yes indeed." + tok.eos_token
+    assert rendered.endswith(reply)
+    assert example == rendered[:-len(reply)] + "«" + reply + "»"
+
+
+def test_data_check_marks_every_reply_of_a_conversation(tiny_llama, tmp_path, capsys):
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q one"},
+             {"role": "assistant", "content": "A one"}, {"role": "user", "content": "Q two"},
+             {"role": "assistant", "content": "A two"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns}])
+    out = check(capsys, path, tiny_llama, "--prompt_format", "chatml")
+    example = out.split("trained spans between « and »:\n", 1)[1]
+    assert re.findall("«(.*?)»", example, flags=re.S) == ["A one<|im_end|>", "A two<|im_end|>"]
+    assert example.count("«") == example.count("»") == 2
+    assert "Q one" in example and "Be brief." in example
