@@ -45,6 +45,20 @@ def all_sum(value: float, info: DistInfo, device: torch.device) -> float:
     return float(t.item())
 
 
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (a collective: every rank must call it)."""
+    return all_sum(float(flag), info, device) > 0
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """``obj`` of every rank, in rank order (a collective: every rank must call it)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -86,17 +86,25 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
-                    adapter_state: dict | None = None) -> Path:
-    """Write ``checkpoint-{step}`` atomically and return its path."""
+                    adapter_state: dict | None = None, optimizer_state: dict | None = None,
+                    rank_rng_states: list | None = None) -> Path:
+    """Write ``checkpoint-{step}`` atomically and return its path.
+
+    Under torchrun rank 0 writes it with the state the ranks gathered for it: ``optimizer_state`` (full tensors
+    under FSDP) and ``rank_rng_states``, every rank's RNG (dropout differs per rank), rank r's in rng_state_{r}.pt.
+    """
     final = output_dir / f"{PREFIX}{state.step}"
     tmp = output_dir / f".{PREFIX}{state.step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, state_dict=adapter_state)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng_state.pt")
+        for r, rng in enumerate(rank_rng_states or []):
+            if r > 0:
+                torch.save(rng, tmp / f"rng_state_{r}.pt")
         save_config(cfg, tmp / "qlorakit_config.yaml")
         (tmp / "trainer_state.json").write_text(state.to_json())
         _fsync_tree(tmp)
@@ -181,8 +189,12 @@ def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
                               "start a new run")
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore adapter weights, optimizer, schedule and RNG from ``ckpt``; return its TrainState."""
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, load_adapter=None,
+                    load_optimizer=None) -> TrainState:
+    """Restore adapter weights, optimizer, schedule and RNG from ``ckpt``; return its TrainState.
+
+    Under torchrun every rank reads the checkpoint: its own RNG state, and the adapter and optimizer through
+    ``load_adapter(weights)`` and ``load_optimizer(state)`` where the model is sharded (FSDP)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -191,12 +203,13 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> TrainState:
         state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
         opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
         sched_state = torch.load(ckpt / "scheduler.pt", weights_only=True)
-        rng = torch.load(ckpt / "rng_state.pt", weights_only=True)
+        rng_file = ckpt / f"rng_state_{rank}.pt"
+        rng = torch.load(rng_file if rank and rng_file.is_file() else ckpt / "rng_state.pt", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {str(e)[:120]}); resume from an "
                               "earlier checkpoint") from None
-    set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(opt_state)
+    (load_adapter or (lambda w: set_peft_model_state_dict(model, w)))(weights)
+    (load_optimizer or optimizer.load_state_dict)(opt_state)
     scheduler.load_state_dict(sched_state)
     set_rng_state(rng)
     return state

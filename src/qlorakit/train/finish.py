@@ -48,7 +48,9 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
     return True
 
 
-def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.TrainState, stopped: str) -> None:
+def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.TrainState, stopped: str,
+                  adapter_state: dict | None = None) -> None:
+    """``adapter_state``: the adapter gathered from the ranks where the model is sharded (FSDP); else None."""
     peft_model = getattr(model, "module", model)
     if cfg.load_best_model_at_end and state.best_step is not None and state.best_step != state.step:  # else: in memory
         best = out / f"{ckpt.PREFIX}{state.best_step}"
@@ -56,13 +58,17 @@ def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.Tra
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(peft_model, load_file(best / "adapter_model.safetensors"))
+            best_weights = load_file(best / "adapter_model.safetensors")
+            if adapter_state is None:
+                set_peft_model_state_dict(peft_model, best_weights)
+            else:
+                adapter_state = best_weights
             log.info("load_best_model_at_end: the adapter at the root is %s's (eval loss %.4f)", best.name,
                      state.best_eval_loss)
         else:
             log.warning("load_best_model_at_end: %s was not saved (save_strategy %s); keeping the last adapter",
                         best.name, cfg.save_strategy)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, state_dict=adapter_state)
     tokenizer.save_pretrained(out)
     save_config(cfg, out / "qlorakit_config.yaml")
     fmt = prompt_format_record(cfg, tokenizer)

@@ -138,9 +138,10 @@ def build_model(cfg: TrainConfig, device: torch.device):
 
 
 def _adapter_state(model) -> dict:
-    from peft.utils import get_peft_model_state_dict
+    """The adapter's weights, full tensors on the CPU (a collective under FSDP: every rank calls it)."""
+    from .distributed import adapter_state
 
-    return get_peft_model_state_dict(getattr(model, "module", model))
+    return adapter_state(model)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                  total_steps, warmup_steps(total_steps, cfg.warmup_ratio),
                  "packed padding-free" if packing else "padded")
 
-    from .distributed import wrap_model
+    from .distributed import is_fsdp, load_adapter, load_optimizer, optimizer_state, shard_step, unwrap, wrap_model
     model = wrap_model(model, cfg, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
@@ -198,7 +199,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     resume_step = None
     if cfg.resume_from_checkpoint:
         path = resume_path
-        state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
+        state = ckpt.load_checkpoint(path, unwrap(model), optimizer, scheduler, rank=info.rank,
+                                     load_adapter=lambda w: load_adapter(model, w),
+                                     load_optimizer=lambda s: load_optimizer(model, optimizer, s))
         if state.world_size != info.world_size:
             raise ckpt.CheckpointError(f"cannot resume from {path}: it was written by {state.world_size} processes, "
                                        f"this run has {info.world_size}; resume with the same number")
@@ -237,12 +240,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     def save_now() -> None:
         adapter = _adapter_state(model)
+        opt_state = optimizer_state(model, optimizer)  # every rank: gathers under FSDP
+        rank_rngs = dist.gather_objects(ckpt.rng_state(), info)
         if info.is_main:
             from safetensors import SafetensorError
 
             try:
                 path = ckpt.save_checkpoint(out, getattr(model, "module", model), optimizer, scheduler, state, cfg,
-                                            adapter_state=adapter)
+                                            adapter_state=adapter, optimizer_state=opt_state,
+                                            rank_rng_states=rank_rngs)
             except (OSError, SafetensorError) as e:  # SafetensorError: an I/O error writing the adapter
                 last = ckpt.list_checkpoints(out)
                 keep = f"; {last[-1].name} is intact" if last else ""
@@ -259,11 +265,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
             order = epoch_order(len(train_ex), cfg.seed, state.epoch, lengths, micro if lengths else None)
             steps = plan_steps(order, micro * accum * info.world_size, 1)
             for plan in steps[state.step_in_epoch:]:
-                mine = plan[0][info.rank * micro * accum:(info.rank + 1) * micro * accum]
-                batches = [collate([train_ex[i] for i in mine[j:j + micro]], pad_id, packing)
-                           for j in range(0, len(mine), micro)]
-                n_tokens = int(dist.all_sum(count_trained(batches), info, device))
-                loss_sum = accumulate(model, batches, device, use_bf16, n_tokens, grad_scale=info.world_size)
+                mine = shard_step(plan[0], info.rank, info.world_size, micro, accum)
+                filler = [min(plan[0], key=lambda i: len(train_ex[i]))]  # for a rank with no example left
+                batches = [collate([train_ex[i] for i in (ids or filler)], pad_id, packing) for ids in mine]
+                weights = [1.0 if ids else 0.0 for ids in mine]
+                real = [b for b, ids in zip(batches, mine) if ids]
+                n_tokens = int(dist.all_sum(count_trained(real), info, device))
+                loss_sum = accumulate(model, batches, device, use_bf16, n_tokens, grad_scale=info.world_size,
+                                      weights=weights)
                 loss = dist.all_sum(loss_sum, info, device) / n_tokens
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
                                                       float("inf"))
@@ -291,7 +300,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                 last_loss = loss
 
                 tokens_seen += int(dist.all_sum(sum(int(b["input_ids"].numel() if "attention_mask" not in b
-                                                        else b["attention_mask"].sum()) for b in batches),
+                                                        else b["attention_mask"].sum()) for b in real),
                                                 info, device))
                 epoch_f = round(state.step / steps_per_epoch, 4)
                 if state.step % cfg.logging_steps == 0 or state.step == total_steps:
@@ -307,11 +316,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                 if (cfg.eval_strategy == "steps" and state.step % cfg.eval_steps == 0) or \
                         (cfg.eval_strategy == "epoch" and epoch_end):
                     evaluate_now()
-                if stop.requested or (cfg.save_strategy == "steps" and state.step % cfg.save_steps == 0) or \
+                # A signal reaches the ranks at different moments: they agree on it, or they would part ways.
+                stopping = dist.any_rank(stop.requested is not None, info, device)
+                if stopping or (cfg.save_strategy == "steps" and state.step % cfg.save_steps == 0) or \
                         (cfg.save_strategy == "epoch" and epoch_end) or \
                         (cfg.load_best_model_at_end and state.best_step == state.step):  # the best must be kept
                     save_now()
-                if stop.requested:
+                if stopping:
                     stopped = "interrupted"
                 if state.step >= total_steps or stopped != "finished":
                     break
@@ -320,7 +331,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if stopped == "interrupted":
         if info.is_main:
             log.warning("stopped by %s at step %d and saved %s; to continue, run the same command with "
-                        "--resume_from_checkpoint latest", stop.requested, state.step,
+                        "--resume_from_checkpoint latest",
+                        stop.requested or "a signal to another process", state.step,
                         out / f"{ckpt.PREFIX}{state.step}")
         dist.shutdown(info)
         return RunResult(out, state.step, last_loss, stopped, state.best_step, state.best_eval_loss)
@@ -328,10 +340,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if cfg.eval_strategy != "no" and eval_ex and (not state.eval_history or state.eval_history[-1]["step"] !=
                                                   state.step):
         evaluate_now()
+    adapter = _adapter_state(model) if is_fsdp(model) else None  # gathered by every rank
     if info.is_main:
         from .finish import write_run_dir
 
-        write_run_dir(cfg, model, tokenizer, out, state, stopped)
+        write_run_dir(cfg, model, tokenizer, out, state, stopped, adapter_state=adapter)
     dist.barrier(info)
     dist.shutdown(info)
     return RunResult(out, state.step, last_loss, stopped, state.best_step, state.best_eval_loss)

@@ -62,13 +62,16 @@ def count_trained(batches: list[dict[str, torch.Tensor]]) -> int:
 
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.device, use_bf16: bool,
-               n_tokens: int, grad_scale: float = 1.0) -> float:
+               n_tokens: int, grad_scale: float = 1.0, weights: list[float] | None = None) -> float:
     """Forward and backward every micro-batch of one optimizer step; returns the summed loss (a float).
 
     ``n_tokens`` is the trained-token count of the whole step (all micro-batches, all ranks). ``grad_scale``
-    undoes the averaging DDP does across ranks, so gradients stay a sum over the global batch / n_tokens.
+    undoes the averaging DDP and FSDP do across ranks, so gradients stay a sum over the global batch / n_tokens.
+    A micro-batch with weight 0 (a rank with no example left in a short last step) runs forward and backward only
+    to join the other ranks' collectives: it adds nothing to the gradients nor to the returned loss.
     """
     total = 0.0
+    weights = weights or [1.0] * len(batches)
     sync_ctx = getattr(model, "no_sync", None)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
@@ -76,6 +79,6 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.devi
         with ctx:
             with autocast(device, use_bf16):
                 loss, _ = loss_sum(model, batch, device)
-            (loss * (grad_scale / n_tokens)).backward()
-        total += float(loss.detach())
+            (loss * (weights[i] * grad_scale / n_tokens)).backward()
+        total += weights[i] * float(loss.detach())
     return total
