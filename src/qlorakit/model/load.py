@@ -91,9 +91,24 @@ def resolve_model_path(name: str) -> str:
     return name  # a hub id
 
 
+_WARNED_REMOTE: set[str] = set()
+
+
+def warn_remote_code(path: str) -> None:
+    """Say, once per model and before any of it runs, that code shipped with the model will run here."""
+    if path in _WARNED_REMOTE:
+        return
+    _WARNED_REMOTE.add(path)
+    files = sorted(p.name for p in Path(path).glob("*.py")) if Path(path).is_dir() else []
+    log.warning("trust_remote_code is on: Python files shipped with %s will run on this machine%s", path,
+                f" ({', '.join(files)})" if files else "")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if trust_remote_code:
+        warn_remote_code(path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id works; reuse EOS, as most tools do.
@@ -137,7 +152,7 @@ def load_base_model(path: str, *, bits: int = 4, quant_type: str = "nf4", double
     from transformers import AutoModelForCausalLM
 
     if trust_remote_code:
-        log.warning("trust_remote_code is on: Python files shipped with %s will run on this machine", path)
+        warn_remote_code(path)
     dtype = torch.bfloat16 if bf16 else torch.float32
     device = device or device_for_training()
     qcfg = quantization_config(bits, quant_type, double_quant, dtype)
