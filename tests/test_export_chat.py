@@ -120,3 +120,22 @@ def test_generate_answers_jsonl(run_dir, tmp_path):
     assert main(["generate", str(run_dir), "--input", str(inp), "--output", str(out), "--max_new_tokens", "4"]) == 0
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["id"] == 7 and all(isinstance(r["generated"], str) for r in rows)
+
+
+def test_eval_reports_base_and_tuned(run_dir, tmp_path, capsys):
+    from qlorakit.evaluate import answer_scores
+
+    data = write_jsonl(tmp_path / "e.jsonl", airoboros_rows(4, seed=9))
+    mmlu = write_jsonl(tmp_path / "m.jsonl", [{"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": "B"},
+                                              {"question": "Sky?", "choices": ["red", "blue", "green", "x"],
+                                               "answer": 1}])
+    out = tmp_path / "r.json"
+    assert main(["eval", str(run_dir), "--dataset", str(data), "--mmlu", str(mmlu), "--generate", "2",
+                 "--output", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for side in ("base", "tuned"):
+        assert {"eval_loss", "eval_perplexity", "exact_match", "contains", "mmlu_accuracy"} <= set(res[side])
+    assert res["tuned"]["eval_loss"] != res["base"]["eval_loss"]
+    assert "tuned" in capsys.readouterr().out
+    assert answer_scores(["The answer is 42."], ["42"]) == {"exact_match": 0.0, "contains": 1.0}
+    assert answer_scores(["42."], ["42"]) == {"exact_match": 1.0, "contains": 1.0}

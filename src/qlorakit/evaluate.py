@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
 from .data.batching import collate
 from .data.tokenize import Example
-from .train.step import autocast, loss_sum
+from .train.step import autocast, loss_sum, supports_packing
 
 
 @torch.no_grad()
@@ -31,3 +32,117 @@ def eval_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, p
         model.train(was_training)
     mean = total / max(tokens, 1)
     return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# qlorakit eval RUN_DIR --dataset FILE [--mmlu FILE] [--generate N]: base and tuned model side by side.
+
+LETTERS = "ABCD"
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .")
+
+
+def answer_scores(replies: list[str], references: list[str]) -> dict[str, float]:
+    """Exact match (after normalizing case and spaces) and 'contains' (the reference appears in the reply)."""
+    n = max(len(references), 1)
+    exact = sum(_normalize(r) == _normalize(ref) for r, ref in zip(replies, references))
+    contains = sum(_normalize(ref) in _normalize(r) for r, ref in zip(replies, references))
+    return {"exact_match": exact / n, "contains": contains / n}
+
+
+def read_mmlu(path: Path) -> list[dict]:
+    """MMLU-layout rows: CSV ``question,A,B,C,D,answer`` (the original files, no header) or JSONL with
+    ``question``, ``choices`` (4 strings) and ``answer`` (a letter or an index)."""
+    import csv
+
+    from .data.formats import DataError, _json_rows
+
+    rows = []
+    if path.suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            for lineno, rec in enumerate(csv.reader(f), start=1):
+                if len(rec) != 6 or rec[5].strip().upper() not in LETTERS:
+                    raise DataError(f"{path}:{lineno}: expected question,A,B,C,D,answer with answer in A-D")
+                rows.append({"question": rec[0], "choices": rec[1:5], "answer": rec[5].strip().upper()})
+    else:
+        for lineno, rec in _json_rows(path):
+            ans = rec.get("answer")
+            ans = LETTERS[ans] if isinstance(ans, int) and 0 <= ans < 4 else str(ans).strip().upper()
+            if not isinstance(rec.get("choices"), list) or len(rec["choices"]) != 4 or ans not in LETTERS:
+                raise DataError(f"{path}:{lineno}: expected question, 4 choices and an answer letter A-D")
+            rows.append({"question": rec["question"], "choices": rec["choices"], "answer": ans})
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    return rows
+
+
+@torch.no_grad()
+def mmlu_accuracy(model, tokenizer, prompt_format: str, rows: list[dict]) -> float:
+    """Share of questions whose answer letter is the most likely of A-D as the first token of the reply."""
+    from .data.formats import Message
+    from .data.tokenize import prompt_ids
+
+    letter_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in LETTERS]
+    device = next(model.parameters()).device
+    right = 0
+    for r in rows:
+        body = r["question"] + "\n" + "\n".join(f"{c}. {t}" for c, t in zip(LETTERS, r["choices"]))
+        ids = prompt_ids([Message("user", body + "\nAnswer with the letter only.")], tokenizer, prompt_format)
+        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1]
+        right += LETTERS[int(logits[letter_ids].argmax())] == r["answer"]
+    return right / len(rows)
+
+
+def eval_main(argv: list[str]) -> int:
+    """``qlorakit eval RUN_DIR --dataset FILE [--mmlu FILE] [--generate N] [--output FILE.json]``."""
+    import json
+    import sys
+
+    from .chat import Sampling, generate_replies, load_run
+    from .data.formats import read_jsonl
+    from .data.tokenize import tokenize_all
+    from .errors import UserError
+    from .export import _options
+
+    usage = "usage: qlorakit eval RUN_DIR [--dataset FILE] [--mmlu FILE] [--generate N] [--output FILE.json]"
+    run_dir, o = _options(argv, {"dataset": "", "mmlu": "", "generate": "50", "output": ""}, usage)
+    if not o["dataset"] and not o["mmlu"]:
+        raise UserError(f"give --dataset FILE and/or --mmlu FILE; {usage}")
+    try:
+        n_gen = int(o["generate"])
+    except ValueError:
+        raise UserError(f"--generate: {o['generate']!r} is not an integer") from None
+    model, tok, cfg = load_run(run_dir)
+    device, bf16 = next(model.parameters()).device, cfg.use_bf16()
+    results: dict[str, dict] = {"tuned": {}, "base": {}}
+
+    def both(fn):
+        results["tuned"].update(fn())
+        with model.disable_adapter():
+            results["base"].update(fn())
+
+    if o["dataset"]:
+        path = Path(o["dataset"])
+        convs = read_jsonl(path, cfg.dataset_format)
+        examples, _ = tokenize_all(convs, tok, cfg.prompt_format, cfg.model_max_len, cfg.truncation)
+        both(lambda: eval_loss(model, examples, batch_size=cfg.per_device_eval_batch_size, pad_id=tok.pad_token_id,
+                               packing=supports_packing(model), device=device, use_bf16=bf16))
+        if n_gen > 0:
+            raw = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][:n_gen]
+            refs = [r.get("answer") or c.messages[-1].content for r, c in zip(raw, convs)]
+            prompts = [list(c.messages[:-1]) for c in convs[:len(refs)]]
+            sampling = Sampling(max_new_tokens=min(256, max(len(tok(r)["input_ids"]) for r in refs) + 32))
+            both(lambda: answer_scores(generate_replies(model, tok, cfg.prompt_format, prompts, sampling), refs))
+    if o["mmlu"]:
+        rows = read_mmlu(Path(o["mmlu"]))
+        both(lambda: {"mmlu_accuracy": mmlu_accuracy(model, tok, cfg.prompt_format, rows)})
+    keys = [k for k in results["tuned"] if k != "eval_tokens"]
+    print(f"{'metric':<18}{'base':>12}{'tuned':>12}")
+    for k in keys:
+        print(f"{k:<18}{results['base'][k]:>12.4f}{results['tuned'][k]:>12.4f}")
+    if o["output"]:
+        Path(o["output"]).write_text(json.dumps(results, indent=2))
+        print(f"qlorakit eval: results written to {o['output']}", file=sys.stderr)
+    return 0
