@@ -177,3 +177,9 @@ def test_resumed_two_process_runs_match_uninterrupted(tiny_llama, tmp_path):
         for step in got:
             assert got[step]["loss"] == pytest.approx(ref_loss[step]["loss"], rel=1e-5)
     assert metric_rows(b, "eval_loss")[2]["eval_loss"] == pytest.approx(ref_eval[2]["eval_loss"], rel=1e-5)
+
+
+def test_nproc_is_refused_inside_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: each rank would start a torchrun of its own
+    assert main(["train", "--nproc", "2"]) == 2
+    assert "started by torchrun already" in capsys.readouterr().err

@@ -78,6 +78,9 @@ def _pop_nproc(argv: list[str]) -> int:
 def _torchrun(n: int, argv: list[str]) -> int:
     import subprocess
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would start its own torchrun
+        raise UserError("--nproc: this process was started by torchrun already; drop --nproc and give torchrun "
+                        "the process count (--nproc_per_node)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
            "qlorakit", "train", *argv]
     print("qlorakit: " + " ".join(cmd), file=sys.stderr)
