@@ -124,7 +124,9 @@ def build_model(cfg: TrainConfig, device: torch.device):
     model = load_base_model(path, bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                             bf16=cfg.use_bf16(), trust_remote_code=cfg.trust_remote_code, device=device)
     dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
-    if cfg.bits == 4 and should_cache_dequantized(cfg.cache_dequantized, model, dtype, device):
+    # Under FSDP the 4-bit weights are what gets sharded; "auto" keeps them packed there.
+    cache_setting = "false" if cfg.fsdp and cfg.cache_dequantized == "auto" else cfg.cache_dequantized
+    if cfg.bits == 4 and should_cache_dequantized(cache_setting, model, dtype, device):
         n = cache_dequantized(model, dtype)
         log.info("cache_dequantized: %d 4-bit layers dequantized once to %s (numerically identical; the model "
                  "now takes %s MB)", n, str(dtype).removeprefix("torch."),
