@@ -114,8 +114,9 @@ def five_rows_one_process(tiny_llama, tmp_path_factory):
     rows = airoboros_rows(5)
     lens = [len(r["response"].split()) for r in rows]
     assert max(lens) / min(lens) >= 40
+    # cache_dequantized false: both modes on the packed 4-bit weights, as on a GPU
     args = ["--model_name_or_path", str(tiny_llama), "--dataset", str(write_jsonl(d / "rows.jsonl", rows)),
-            *SGD_TWO_STEPS]
+            *SGD_TWO_STEPS, "--cache_dequantized", "false"]
     assert main(["train", *args, "--output_dir", str(d / "one"), "--per_device_train_batch_size", "2",
                  "--gradient_accumulation_steps", "2"]) == 0
     return d, args
