@@ -47,7 +47,8 @@ def make_tiny_llama(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+                      initializer_range=0.2)  # big enough embeddings that LoRA can move the logits
     return _save_tiny(LlamaForCausalLM(cfg), tokenizer_dir, out)
 
 
@@ -56,7 +57,8 @@ def make_tiny_mpt(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    cfg = MptConfig(vocab_size=len(tok), d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=1024)
+    cfg = MptConfig(vocab_size=len(tok), d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=1024,
+                    initializer_range=0.2)
     return _save_tiny(MptForCausalLM(cfg), tokenizer_dir, out)
 
 

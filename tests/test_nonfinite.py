@@ -53,7 +53,7 @@ def test_nonfinite_gradient_skips_one_update_and_training_goes_on(tiny_llama, tm
     assert not same(before[0], before[1])  # step 1 updated the adapter
     assert same(before[1], before[2])  # step 2 did not
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["grad_norm"] == float("inf")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["grad_norm"] is None  # non-finite is written as JSON null
     assert all(torch.isfinite(v).all() for v in load_file(out / "adapter_model.safetensors").values())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import sys
 import time
@@ -83,7 +84,9 @@ class Metrics:
     def write(self, row: dict) -> None:
         if self.enabled:
             with self.path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+                # NaN and inf are not JSON: a skipped non-finite step is written as null
+                clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+                f.write(json.dumps(clean) + "\n")
 
     def rows(self) -> list[dict]:
         if not self.path.exists():
