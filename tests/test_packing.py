@@ -66,3 +66,29 @@ def test_order_does_not_depend_on_batch_size():
     assert [flat([s]) for s in four] == [flat([s]) for s in ones]
     assert sorted(flat(four)) == list(range(10))  # the short last step keeps every example
     assert epoch_order(10, 1, 0) != epoch_order(10, 1, 1)  # a new order each epoch
+
+
+def test_packed_attention_skips_cross_example_work_with_the_same_numbers(tiny_llama, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from qlorakit.model.attention import NAME, use_packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    exs = examples(tokenizer)
+    alone = [per_token_loss(model, collate_packed([e]))[0] for e in exs]
+    assert use_packed_attention(model) and model.config._attn_implementation == NAME
+    packed = collate_packed(exs)
+    together = per_token_loss(model, packed)[0]
+    # the twin: the same implementation told nothing about the boundaries attends across examples
+    leaky = per_token_loss(model, {k: v for k, v in packed.items() if k != "cu_seq_lens_q"}
+                           | {"position_ids": torch.arange(packed["input_ids"].shape[1])[None]})[0]
+    start = 0
+    for i, (e, a) in enumerate(zip(exs, alone)):
+        seg = slice(start, start + len(e))
+        torch.testing.assert_close(together[seg], a, atol=1e-4, rtol=1e-4)
+        if i > 0:
+            assert (leaky[seg] - a).abs().max() > 1e-3
+        start += len(e)
+    # padded batches (generation, MPT-style) still get their mask
+    padded = per_token_loss(model, collate_padded(exs, tokenizer.pad_token_id))
+    torch.testing.assert_close(padded[1, :len(exs[1])], alone[1], atol=1e-4, rtol=1e-4)

@@ -70,7 +70,10 @@ def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
         targets += shifted_targets(e.labels)
         pos += range(len(e))
     as_row = lambda xs: torch.tensor(xs, dtype=torch.long)[None]  # noqa: E731  (1, T)
-    return {"input_ids": as_row(ids), "position_ids": as_row(pos), "targets": as_row(targets)}
+    bounds = torch.tensor([0, *torch.tensor([len(e) for e in examples]).cumsum(0).tolist()], dtype=torch.int32)
+    # cu_seq_lens_q: where each example starts and ends, for attention that skips work across examples
+    return {"input_ids": as_row(ids), "position_ids": as_row(pos), "targets": as_row(targets),
+            "cu_seq_lens_q": bounds}
 
 
 def collate(examples: list[Example], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from ..evaluate import eval_loss
 from ..model.load import (cache_dequantized, enable_gradient_checkpointing, load_base_model,
                           should_cache_dequantized, load_tokenizer, resolve_model_path,
                           device_for_training)
+from ..model.attention import use_packed_attention
 from ..model.lora import add_lora, target_modules, trainable_report
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler, warmup_steps
@@ -168,6 +169,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     train_ex, eval_ex, token_lines = tokenize_data(cfg, tokenizer, train_convs, eval_convs)
     data_lines += token_lines
     packing = cfg.packing and supports_packing(model)
+    if packing and use_packed_attention(model.get_base_model()) and info.is_main:
+        log.info("attention: causal SDPA within each packed example (no work across examples)")
     pad_id = tokenizer.pad_token_id
 
     lines, n_trainable, n_total = trainable_report(model)
