@@ -164,7 +164,8 @@ def test_resume_refuses_changed_keys_by_name(tmp_path):
     ckpt.check_resumable(c, build_config([*args, "--logging_steps", "5", "--save_steps", "7"]))  # harmless changes
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.check_resumable(c, build_config([*args, "--learning_rate", "1e-3", "--lora_r", "8"]))
-    assert "learning_rate (0.0002 -> 0.001)" in str(e.value) and "lora_r (16 -> 8)" in str(e.value)
+    default_lr = build_config(args).learning_rate
+    assert f"learning_rate ({default_lr} -> 0.001)" in str(e.value) and "lora_r (16 -> 8)" in str(e.value)
 
 
 def _fake_eval(monkeypatch, values: list[float]):

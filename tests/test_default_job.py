@@ -29,3 +29,4 @@ def test_default_job_one_step_loads_with_plain_peft(tmp_path):
     assert rows[0]["step"] == 1 and rows[0]["loss"] > 0
     card = (out / "README.md").read_text()
     assert "license: apache-2.0" in card and "qlorakit-sample-airoboros" in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card

@@ -87,9 +87,11 @@ def test_gguf_export_reads_back(run_dir, tmp_path):
     tok = AutoTokenizer.from_pretrained(run_dir)
     for text in (HELD_OUT, "naïve café 🙂 def f(x):\n    return x", "  spaces\tand\ttabs  "):
         assert gtok(text).input_ids == tok(text).input_ids
-    assert main(["merge", str(run_dir), "--output", str(tmp_path / "m")]) == 0
+    # the GGUF is exported from the float32 merge: compare with that, not with a bf16-rounded copy
+    assert main(["merge", str(run_dir), "--output", str(tmp_path / "m"), "--dtype", "fp32"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
-    ids = tok(HELD_OUT, return_tensors="pt").input_ids
+    ids = tok(" ".join([HELD_OUT] * 3) + " " + " ".join(r["response"] for r in airoboros_rows(6, seed=5)),
+              return_tensors="pt").input_ids
     agree = (next_tokens(g, ids) == next_tokens(merged, ids)).float().mean().item()
     assert agree >= 0.97, agree
 

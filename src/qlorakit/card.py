@@ -51,6 +51,13 @@ def base_license(base_path: str) -> str:
     return "other"
 
 
+def public_base_name(base_path: str) -> str:
+    """The name a model card should give the base: the embedded default's hub id rather than its local cache."""
+    if Path(base_path).name.startswith("SmolLM2-135M-Instruct"):
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return base_path
+
+
 def reproduce_command(cfg: TrainConfig) -> str:
     """The ``qlorakit train`` command that reproduces this run (only the settings that differ from defaults)."""
     parts = ["qlorakit", "train"]
@@ -128,7 +135,7 @@ def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict],
                stopped: str, prompt_example: str, data_path: Path) -> Path:
     lic = base_license(base_path)
     dataset_name = "qlorakit-sample-airoboros" if cfg.dataset == "default" else Path(cfg.dataset).stem
-    front = {"license": lic, "base_model": base_path, "datasets": [dataset_name], "library_name": "peft",
+    front = {"license": lic, "base_model": public_base_name(base_path), "datasets": [dataset_name], "library_name": "peft",
              "pipeline_tag": "text-generation",
              "tags": ["qlora", "lora", "peft", "qlorakit", f"{cfg.bits}bit", cfg.prompt_format]}
     name = out.resolve().name
