@@ -117,7 +117,7 @@ def stream_reply(model, tokenizer, prompt_format: str, history: list[Message], s
         shown = _cut_at_stop(text + piece, stop)
         out.write(shown[len(text):])
         out.flush()
-        text = shown if stop not in (text + piece) else shown
+        text = shown
     thread.join()
     out.write("\n")
     out.flush()

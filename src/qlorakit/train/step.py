@@ -9,6 +9,7 @@ micro-batch by its own count and weights a short reply's tokens more than a long
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
 import torch
@@ -30,7 +31,13 @@ def _causal_lm(model):
 
 
 def accepts(model, arg: str) -> bool:
-    return arg in inspect.signature(_causal_lm(model).forward).parameters
+    return arg in _forward_params(type(_causal_lm(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls) -> frozenset:
+    """Keyword names of a model class's forward, read once per class (loss_sum asks on every micro-batch)."""
+    return frozenset(inspect.signature(cls.forward).parameters)
 
 
 def supports_packing(model) -> bool:
