@@ -36,8 +36,10 @@ def target_modules(model: nn.Module, lora_modules: str) -> list[str]:
 
 
 def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, modules: list[str], seed: int):
-    """``model`` wrapped by peft with fresh LoRA adapters (float32) on ``modules``."""
+    """``model`` wrapped by peft with fresh LoRA adapters (float32) on ``modules``, their branch fused."""
     from peft import LoraConfig, get_peft_model
+
+    from .fused_lora import use_fused_lora
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
                      task_type="CAUSAL_LM")
@@ -47,6 +49,7 @@ def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, modules:
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    use_fused_lora(peft_model)
     return peft_model
 
 
