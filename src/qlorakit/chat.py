@@ -37,7 +37,7 @@ def load_run(run_dir: str | Path, device: torch.device | None = None):
     """(peft model on its quantized base, tokenizer, run config) from a run directory or one of its checkpoints."""
     from peft import PeftModel
 
-    from .model.load import load_base_model, load_tokenizer
+    from .model.load import apply_cache_dequantized, load_base_model, load_tokenizer
 
     run_dir = Path(run_dir)
     if not (run_dir / "adapter_config.json").is_file():
@@ -50,6 +50,9 @@ def load_run(run_dir: str | Path, device: torch.device | None = None):
     tokenizer = load_tokenizer(str(tok_dir), cfg.trust_remote_code)
     base = load_base_model(base_path, bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                            bf16=cfg.use_bf16(), trust_remote_code=cfg.trust_remote_code, device=device)
+    # Inference dequantizes every 4-bit weight on every decoding step; where the run cached them, do so here too.
+    dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
+    apply_cache_dequantized(base, cfg.cache_dequantized, cfg.bits, dtype, next(base.parameters()).device)
     model = PeftModel.from_pretrained(base, str(run_dir))
     model.eval()
     return model, tokenizer, cfg
@@ -124,38 +127,29 @@ def stream_reply(model, tokenizer, prompt_format: str, history: list[Message], s
     return _cut_at_stop(text, stop).strip()
 
 
-def _parse_sampling(argv: list[str], extra: dict[str, str] | None = None) -> tuple[Sampling, dict[str, str]]:
-    """Sampling options and the other ``--key value`` options named in ``extra`` (their defaults)."""
-    extra = dict(extra or {})
+def _parse_sampling(argv: list[str], usage: str, extra: dict[str, str] | None = None
+                    ) -> tuple[Path, Sampling, dict[str, str]]:
+    """RUN_DIR, the sampling options, and the other ``--key value`` options named in ``extra`` (their defaults)."""
+    from .options import run_options
+
     s = Sampling()
-    i = 0
-    while i < len(argv):
-        key = argv[i].lstrip("-").replace("-", "_")
-        if not argv[i].startswith("--") or i + 1 >= len(argv):
-            raise UserError(f"expected --key value pairs, got {argv[i]!r}")
-        value = argv[i + 1]
-        if hasattr(s, key):
-            typ = type(getattr(s, key))
-            try:
-                setattr(s, key, typ(value))
-            except ValueError:
-                raise UserError(f"--{key}: {value!r} is not {'an integer' if typ is int else 'a number'}") from None
-        elif key in extra:
-            extra[key] = value
-        else:
-            known = [*Sampling.__dataclass_fields__, *extra]
-            raise UserError(f"unknown option --{key}; options: {', '.join('--' + k for k in known)}")
-        i += 2
-    return s, extra
+    fields = list(Sampling.__dataclass_fields__)
+    run_dir, opts = run_options(argv, {**{f: str(getattr(s, f)) for f in fields}, **(extra or {})}, usage)
+    for f in fields:
+        typ, value = type(getattr(s, f)), opts.pop(f)
+        try:
+            setattr(s, f, typ(value))
+        except ValueError:
+            raise UserError(f"--{f}: {value!r} is not {'an integer' if typ is int else 'a number'}") from None
+    return run_dir, s, opts
 
 
 def chat_main(argv: list[str]) -> int:
     """``qlorakit chat RUN_DIR [--temperature 0.7 --max_new_tokens 256 --system TEXT]``."""
-    if not argv or argv[0].startswith("-"):
-        raise UserError("usage: qlorakit chat RUN_DIR [--temperature T --top_p P --max_new_tokens N "
-                        "--system TEXT]")
-    sampling, extra = _parse_sampling(argv[1:], {"system": ""})
-    model, tokenizer, cfg = load_run(argv[0])
+    usage = "usage: qlorakit chat RUN_DIR [--temperature T --top_p P --top_k K --max_new_tokens N " \
+            "--repetition_penalty R --system TEXT]"
+    run_dir, sampling, extra = _parse_sampling(argv, usage, {"system": ""})
+    model, tokenizer, cfg = load_run(run_dir)
     history: list[Message] = [Message("system", extra["system"])] if extra["system"] else []
     interactive = sys.stdin.isatty()
     if interactive:
@@ -184,15 +178,14 @@ def chat_main(argv: list[str]) -> int:
 
 def generate_main(argv: list[str]) -> int:
     """``qlorakit generate RUN_DIR --input prompts.jsonl --output answers.jsonl [sampling options]``."""
-    if not argv or argv[0].startswith("-"):
-        raise UserError("usage: qlorakit generate RUN_DIR --input FILE --output FILE [--batch_size N ...]")
-    sampling, extra = _parse_sampling(argv[1:], {"input": "", "output": "", "batch_size": "8"})
+    usage = "usage: qlorakit generate RUN_DIR --input FILE --output FILE [--batch_size N] [sampling options]"
+    run_dir, sampling, extra = _parse_sampling(argv, usage, {"input": "", "output": "", "batch_size": "8"})
     if not extra["input"] or not extra["output"]:
         raise UserError("generate: --input FILE and --output FILE are both needed")
     from .data.formats import read_prompts
 
     prompts = read_prompts(Path(extra["input"]))
-    model, tokenizer, cfg = load_run(argv[0])
+    model, tokenizer, cfg = load_run(run_dir)
     try:
         bs = int(extra["batch_size"])
     except ValueError:

@@ -202,6 +202,17 @@ def should_cache_dequantized(setting: str, model, dtype: torch.dtype, device: to
     return dense_bytes(model, dtype) < free / 4
 
 
+def apply_cache_dequantized(model, setting: str, bits: int, dtype: torch.dtype, device: torch.device) -> int:
+    """``cache_dequantized`` where the run's setting (auto|true|false) asks for it; logs and returns the layer count."""
+    if bits != 4 or not should_cache_dequantized(setting, model, dtype, device):
+        return 0
+    n = cache_dequantized(model, dtype)
+    log.info("cache_dequantized: %d 4-bit layers dequantized once to %s (numerically identical; the model now takes "
+             "%s MB)", n, str(dtype).removeprefix("torch."),
+             f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:,.0f}")
+    return n
+
+
 def cache_dequantized(model, dtype: torch.dtype) -> int:
     """Replace each 4-bit linear layer by a frozen dense one holding its dequantized weight; returns how many.
 

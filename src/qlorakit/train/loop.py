@@ -19,9 +19,8 @@ from ..data.batching import collate, epoch_order, plan_steps
 from ..data.formats import Conversation, read_jsonl
 from ..data.tokenize import Example, tokenize_all
 from ..evaluate import eval_loss
-from ..model.load import (cache_dequantized, enable_gradient_checkpointing, load_base_model,
-                          should_cache_dequantized, load_tokenizer, resolve_model_path,
-                          device_for_training)
+from ..model.load import (apply_cache_dequantized, device_for_training, enable_gradient_checkpointing,
+                          load_base_model, load_tokenizer, resolve_model_path)
 from ..model.attention import use_packed_attention
 from ..model.lora import add_lora, target_modules, trainable_report
 from . import checkpoint as ckpt
@@ -127,13 +126,14 @@ def build_model(cfg: TrainConfig, device: torch.device):
     dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
     # Under FSDP the 4-bit weights are what gets sharded; "auto" keeps them packed there.
     cache_setting = "false" if cfg.fsdp and cfg.cache_dequantized == "auto" else cfg.cache_dequantized
-    if cfg.bits == 4 and should_cache_dequantized(cache_setting, model, dtype, device):
-        n = cache_dequantized(model, dtype)
-        log.info("cache_dequantized: %d 4-bit layers dequantized once to %s (numerically identical; the model "
-                 "now takes %s MB)", n, str(dtype).removeprefix("torch."),
-                 f"{sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20:,.0f}")
+    apply_cache_dequantized(model, cache_setting, cfg.bits, dtype, device)
     if cfg.use_gradient_checkpointing():
         enable_gradient_checkpointing(model)
+        log.info("gradient checkpointing: on (%s)", "asked for" if cfg.gradient_checkpointing == "true" else
+                 "auto: on a GPU")
+    else:
+        log.info("gradient checkpointing: off (%s)", "asked for" if cfg.gradient_checkpointing == "false" else
+                 "auto: off on a CPU, where compute is scarcer than memory")
     modules = target_modules(model, cfg.lora_modules)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, modules=modules,
                      seed=cfg.seed)
