@@ -7,7 +7,7 @@ Run from the repository root::
 
 Files written (paths relative to the output root):
 
-* ``src/qlorakit/defaults/sample_airoboros.jsonl``      ~150 training rows, airoboros 1.4 layout
+* ``src/qlorakit/defaults/sample_airoboros.jsonl``      132 training rows, airoboros 1.4 layout
   (``instruction``/``response``/``category``); ~75% closed-context questions, ~25% short general tasks. Sized so that
   two epochs of the default job fit in a few minutes on a 2-core CPU.
 * ``src/qlorakit/defaults/heldout_closed_context.jsonl`` 40 closed-context rows whose invented names, urls and
@@ -354,11 +354,11 @@ def airoboros(row: dict) -> dict:
 
 
 def build_training() -> tuple[list[dict], Names]:
-    """~150 rows: 110 closed-context (single fact, two facts, two inputs) and 40 general, shuffled."""
+    """132 rows: 96 closed-context (single fact, two facts, two inputs) and 36 general, shuffled."""
     r = random.Random(SEEDS["train"])
     nm = Names(r, TRAIN_ONSETS)
     rows, seen = [], set()
-    for i in range(110):
+    for i in range(96):
         kind = i % 10  # 0-6: one input, one question; 7-8: two questions; 9: two inputs
         if kind < 7:
             rows.append(closed_context_row(r, nm, TRAIN_DOMAINS, 1, 1, WORDS_ONE))
@@ -366,7 +366,7 @@ def build_training() -> tuple[list[dict], Names]:
             rows.append(closed_context_row(r, nm, TRAIN_DOMAINS, 1, 2, WORDS_TWO_FACTS))
         else:
             rows.append(closed_context_row(r, nm, TRAIN_DOMAINS, 2, 1, WORDS_TWO_INPUTS))
-    while len(rows) < 150:
+    while len(rows) < 132:
         row = general_row(r)
         if row["instruction"] not in seen:
             seen.add(row["instruction"])

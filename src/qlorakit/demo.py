@@ -31,7 +31,7 @@ def score(replies: list[str], rows: list[dict]) -> tuple[float, float]:
     return answered / len(rows), cited / len(rows)
 
 
-def compare(run_dir: Path, n: int = 12, shown: int = 2) -> dict:
+def compare(run_dir: Path, n: int = 8, shown: int = 2) -> dict:
     """Replies of the tuned and the base model to ``n`` held-out rows, printed side by side, and their scores."""
     from .chat import Sampling, generate_replies, load_run
     from .data.formats import Message
