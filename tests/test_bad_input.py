@@ -166,3 +166,21 @@ def test_tokenizer_without_pad_and_a_fully_masked_row_train(tiny_llama, tmp_path
     assert f"train: 1 dropped: no trained token left (prompt fills model_max_len) (e.g. {data}:2)" in caplog.text
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["merge"], ["usage: qlorakit merge RUN_DIR"]),
+    (["merge", "run", "--outptu", "m"], ["unknown option --outptu", "usage: qlorakit merge"]),
+    (["export", "run", "--format"], ["--format needs a value", "usage: qlorakit export"]),
+    (["export", "run", "gguf"], ["unexpected 'gguf'", "--key value"]),
+    (["eval", "run", "--mmlu", "m.jsonl", "--bogus", "1"], ["unknown option --bogus", "usage: qlorakit eval"]),
+    (["chat", "--temperature", "0.7"], ["usage: qlorakit chat RUN_DIR"]),
+    (["chat", "run", "--max_new_tokens", "lots"], ["--max_new_tokens: 'lots' is not an integer"]),
+    (["generate", "run", "--top-p", "high"], ["--top_p: 'high' is not a number"]),
+    (["generate", "run", "--input", "a.jsonl", "--stream", "yes"], ["unknown option --stream", "--batch_size"]),
+])
+def test_bad_run_command_arguments(argv, want, capsys):
+    """merge, export, eval, chat and generate share one RUN_DIR --key value parser; each mistake is one line."""
+    assert main(argv) == 2
+    err = one_line_error(capsys, argv[0])
+    assert all(w in err for w in want), err

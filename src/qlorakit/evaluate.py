@@ -104,10 +104,10 @@ def eval_main(argv: list[str]) -> int:
     from .data.formats import read_jsonl
     from .data.tokenize import tokenize_all
     from .errors import UserError
-    from .export import _options
+    from .options import run_options
 
     usage = "usage: qlorakit eval RUN_DIR [--dataset FILE] [--mmlu FILE] [--generate N] [--output FILE.json]"
-    run_dir, o = _options(argv, {"dataset": "", "mmlu": "", "generate": "50", "output": ""}, usage)
+    run_dir, o = run_options(argv, {"dataset": "", "mmlu": "", "generate": "50", "output": ""}, usage)
     if not o["dataset"] and not o["mmlu"]:
         raise UserError(f"give --dataset FILE and/or --mmlu FILE; {usage}")
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .options import run_options
 
 MERGE_BASES = ("dequantized", "original")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -125,22 +126,9 @@ def save_merged(model, tokenizer, cfg, out: Path, run_dir: Path, base: str) -> P
     return out
 
 
-def _options(argv: list[str], allowed: dict[str, str], usage: str) -> tuple[Path, dict[str, str]]:
-    if not argv or argv[0].startswith("-"):
-        raise UserError(usage)
-    opts, i = dict(allowed), 1
-    while i < len(argv):
-        key = argv[i].lstrip("-").replace("-", "_")
-        if not argv[i].startswith("--") or key not in allowed or i + 1 >= len(argv):
-            raise UserError(f"unexpected {argv[i]!r}; {usage}")
-        opts[key] = argv[i + 1]
-        i += 2
-    return Path(argv[0]), opts
-
-
 def merge_main(argv: list[str]) -> int:
     usage = "usage: qlorakit merge RUN_DIR --output DIR [--base dequantized|original] [--dtype bf16|fp16|fp32]"
-    run_dir, o = _options(argv, {"output": "", "base": "dequantized", "dtype": ""}, usage)
+    run_dir, o = run_options(argv, {"output": "", "base": "dequantized", "dtype": ""}, usage)
     if not o["output"]:
         raise UserError(f"--output DIR is needed; {usage}")
     if o["dtype"] and o["dtype"] not in DTYPES:
@@ -154,7 +142,8 @@ def merge_main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
     usage = ("usage: qlorakit export RUN_DIR --format gguf|safetensors --output FILE_OR_DIR "
              "[--outtype f16|bf16|q8_0] [--base dequantized|original]")
-    run_dir, o = _options(argv, {"format": "gguf", "output": "", "outtype": "f16", "base": "dequantized"}, usage)
+    defaults = {"format": "gguf", "output": "", "outtype": "f16", "base": "dequantized"}
+    run_dir, o = run_options(argv, defaults, usage)
     if not o["output"]:
         raise UserError(f"--output is needed; {usage}")
     if o["format"] == "safetensors":
