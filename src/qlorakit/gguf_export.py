@@ -381,31 +381,36 @@ def _is_sentencepiece_bpe(tokenizer_json: dict[str, Any]) -> bool:
     return model["type"] == "BPE" and model.get("byte_fallback", False) and decoder.get("type") == "Sequence"
 
 
-def _gpt2_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token texts and types for a byte-level BPE vocabulary, as TextModel.get_vocab_base builds them."""
+def _vocab_table(tokenizer: PreTrainedTokenizerBase, vocab_size: int,
+                 classify: Callable[[int, str], tuple[str, int]]) -> tuple[list[str], list[int]]:
+    """Token texts and types for ids 0..vocab_size-1: ``classify(id, token)`` for the tokenizer's own tokens,
+    ``[PAD<id>]`` (unused) where the embedding is padded past the tokenizer."""
     reverse_vocab = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
-    added_vocab = tokenizer.get_added_vocab()
-    added_decoder = tokenizer.added_tokens_decoder
     tokens, token_types = [], []
     for token_id in range(vocab_size):
         token = reverse_vocab.get(token_id)
-        if token is None:  # the embedding is padded past the tokenizer
-            tokens.append(f"[PAD{token_id}]")
-            token_types.append(gguf.TokenType.UNUSED)
-            continue
-        if token in added_vocab:
-            # llama.cpp matches added tokens against normalized text, so store them normalized.
-            if not added_decoder[token_id].normalized:
-                token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            if added_decoder[token_id].special or _looks_special(token):
-                token_types.append(gguf.TokenType.CONTROL)
-            else:
-                token = token.replace("\u2581", " ")  # pre-normalize user-defined spaces
-                token_types.append(gguf.TokenType.USER_DEFINED)
-        else:
-            token_types.append(gguf.TokenType.NORMAL)
-        tokens.append(token)
+        text, kind = (f"[PAD{token_id}]", gguf.TokenType.UNUSED) if token is None else classify(token_id, token)
+        tokens.append(text)
+        token_types.append(kind)
     return tokens, token_types
+
+
+def _gpt2_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token texts and types for a byte-level BPE vocabulary, as TextModel.get_vocab_base builds them."""
+    added_vocab = tokenizer.get_added_vocab()
+    added_decoder = tokenizer.added_tokens_decoder
+
+    def classify(token_id: int, token: str) -> tuple[str, int]:
+        if token not in added_vocab:
+            return token, gguf.TokenType.NORMAL
+        # llama.cpp matches added tokens against normalized text, so store them normalized.
+        if not added_decoder[token_id].normalized:
+            token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
+        if added_decoder[token_id].special or _looks_special(token):
+            return token, gguf.TokenType.CONTROL
+        return token.replace("\u2581", " "), gguf.TokenType.USER_DEFINED  # pre-normalize user-defined spaces
+
+    return _vocab_table(tokenizer, vocab_size, classify)
 
 
 def _looks_special(token: str) -> bool:
@@ -439,28 +444,19 @@ def _pre_tokenizer_name(tokenizer: PreTrainedTokenizerBase, tokenizer_json: dict
 
 def _llama_tokens(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> tuple[list[str], list[int]]:
     """Token texts and types for a sentencepiece-style vocabulary, typed as gguf-py's LlamaHfVocab types them."""
-    reverse_vocab = {token_id: token for token, token_id in tokenizer.get_vocab().items()}
     added_vocab = tokenizer.get_added_vocab()
     control_ids = set(tokenizer.all_special_ids) | {
         token_id for token_id, added in tokenizer.added_tokens_decoder.items() if added.special
     }
-    tokens, token_types = [], []
-    for token_id in range(vocab_size):
-        token = reverse_vocab.get(token_id)
-        if token is None:  # the embedding is padded past the tokenizer
-            tokens.append(f"[PAD{token_id}]")
-            token_types.append(gguf.TokenType.UNUSED)
-            continue
+
+    def classify(token_id: int, token: str) -> tuple[str, int]:
         if _BYTE_TOKEN.fullmatch(token):
-            token_types.append(gguf.TokenType.BYTE)
-        elif token_id in control_ids:
-            token_types.append(gguf.TokenType.CONTROL)
-        elif token in added_vocab:
-            token_types.append(gguf.TokenType.USER_DEFINED)
-        else:
-            token_types.append(gguf.TokenType.NORMAL)
-        tokens.append(token)
-    return tokens, token_types
+            return token, gguf.TokenType.BYTE
+        if token_id in control_ids:
+            return token, gguf.TokenType.CONTROL
+        return token, gguf.TokenType.USER_DEFINED if token in added_vocab else gguf.TokenType.NORMAL
+
+    return _vocab_table(tokenizer, vocab_size, classify)
 
 
 def _merge_rank_scores(tokens: list[str], merges: list) -> list[float]:
