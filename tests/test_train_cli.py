@@ -79,3 +79,32 @@ def test_eval_split_is_reported(tiny_llama, tmp_path, caplog):
                      "no"]) == 0
     text = caplog.text
     assert "2 of 10 rows held out (seed 42)" in text and "8 examples kept" in text
+
+
+@pytest.mark.parametrize("setting,free,want_on,why", [
+    ("auto", None, False, "auto: the largest micro-batch"),  # the real free memory: plenty for a tiny model
+    ("auto", 64 * 1024, True, "auto: the largest micro-batch"),  # 64 KiB free: the activations would not fit
+    ("true", None, True, "asked for"),
+    ("false", 64 * 1024, False, "asked for"),
+])
+def test_gradient_checkpointing_only_where_memory_needs_it(tiny_llama, tmp_path, caplog, monkeypatch, setting,
+                                                           free, want_on, why):
+    import logging
+
+    import qlorakit.train.loop as loop
+
+    calls = []
+    real = loop.enable_gradient_checkpointing
+    monkeypatch.setattr(loop, "enable_gradient_checkpointing", lambda m: (calls.append(m), real(m)))
+    if free is not None:
+        monkeypatch.setattr(loop, "free_memory", lambda device: free)
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(6))
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
+                     str(tmp_path / "r"), "--max_steps", "1", "--save_strategy", "no",
+                     "--gradient_checkpointing", setting]) == 0
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("gradient checkpointing:"))
+    assert line.startswith(f"gradient checkpointing: {'on' if want_on else 'off'} ({why}"), line
+    assert len(calls) == int(want_on)
+    if want_on:  # it took effect on the decoder layers
+        assert any(getattr(m, "gradient_checkpointing", False) for m in calls[0].modules())

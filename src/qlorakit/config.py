@@ -36,8 +36,9 @@ class TrainConfig:
     bf16: str = _f("auto", "Compute in bfloat16 (autocast; LoRA weights stay float32): true, false, or auto = where "
                    "the hardware has fast bfloat16 matrix units (CUDA, or a CPU with AMX / AVX512-BF16).",
                    ("auto", "true", "false"))
-    gradient_checkpointing: str = _f("auto", "Recompute activations in backward to save memory: true, false, or "
-                                     "auto = on a GPU (memory is scarce), off on a CPU (compute is).",
+    gradient_checkpointing: str = _f("auto", "Recompute activations in backward to save memory (about a third more "
+                                     "compute): true, false, or auto = on only where the activations of the largest "
+                                     "micro-batch would take over half the free memory of the device.",
                                      ("auto", "true", "false"))
     cache_dequantized: str = _f("auto", "Dequantize the 4/8-bit base weights once and reuse them (numerically "
                                 "identical, more memory, much less work per step): true, false, or auto = on a "
@@ -98,13 +99,6 @@ class TrainConfig:
     fsdp: bool = _f(False, "Under torchrun: shard the model with FSDP2 instead of replicating it with DDP.")
 
     # ------------------------------------------------------------------
-    def use_gradient_checkpointing(self) -> bool:
-        import torch
-
-        if self.gradient_checkpointing == "auto":
-            return torch.cuda.is_available()
-        return self.gradient_checkpointing == "true"
-
     def use_bf16(self) -> bool:
         """Whether this run computes in bfloat16 on this machine's device."""
         from .model.load import bf16_is_fast

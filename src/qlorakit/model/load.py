@@ -195,11 +195,18 @@ def should_cache_dequantized(setting: str, model, dtype: torch.dtype, device: to
         return setting == "true"
     if device.type != "cpu":
         return False  # on a GPU, 4-bit weights exist to save memory; dequantizing on the fly is cheap there
+    free = free_memory(device)
+    return free is not None and dense_bytes(model, dtype) < free / 4
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free now on ``device`` (a CUDA GPU's free memory, or the host's available RAM), None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
-        return False
-    return dense_bytes(model, dtype) < free / 4
+        return None
 
 
 def apply_cache_dequantized(model, setting: str, bits: int, dtype: torch.dtype, device: torch.device) -> int:

@@ -19,7 +19,7 @@ from ..data.batching import collate, epoch_order, plan_steps
 from ..data.formats import Conversation, read_jsonl
 from ..data.tokenize import Example, tokenize_all
 from ..evaluate import eval_loss
-from ..model.load import (apply_cache_dequantized, device_for_training, enable_gradient_checkpointing,
+from ..model.load import (apply_cache_dequantized, device_for_training, enable_gradient_checkpointing, free_memory,
                           load_base_model, load_tokenizer, resolve_model_path)
 from ..model.attention import use_packed_attention
 from ..model.lora import add_lora, target_modules, trainable_report
@@ -127,17 +127,36 @@ def build_model(cfg: TrainConfig, device: torch.device):
     # Under FSDP the 4-bit weights are what gets sharded; "auto" keeps them packed there.
     cache_setting = "false" if cfg.fsdp and cfg.cache_dequantized == "auto" else cfg.cache_dequantized
     apply_cache_dequantized(model, cache_setting, cfg.bits, dtype, device)
-    if cfg.use_gradient_checkpointing():
-        enable_gradient_checkpointing(model)
-        log.info("gradient checkpointing: on (%s)", "asked for" if cfg.gradient_checkpointing == "true" else
-                 "auto: on a GPU")
-    else:
-        log.info("gradient checkpointing: off (%s)", "asked for" if cfg.gradient_checkpointing == "false" else
-                 "auto: off on a CPU, where compute is scarcer than memory")
     modules = target_modules(model, cfg.lora_modules)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, modules=modules,
                      seed=cfg.seed)
     return model, tokenizer, path, modules
+
+
+def decide_checkpointing(cfg: TrainConfig, model, examples: list[Example], packing: bool,
+                         device: torch.device) -> tuple[bool, str]:
+    """Whether to recompute activations in backward, and why. ``auto``: only when the activations the largest
+    possible micro-batch saves without it (qlorakit.plan's estimate) exceed half the device's free memory."""
+    if cfg.gradient_checkpointing != "auto":
+        return cfg.gradient_checkpointing == "true", "asked for"
+    from .. import plan
+    from ..errors import UserError
+
+    micro = cfg.per_device_train_batch_size
+    longest = sorted((len(e) for e in examples), reverse=True)[:micro]
+    tokens = sum(longest) if packing else micro * longest[0]
+    try:
+        arch = plan.architecture(model.get_base_model().config.to_dict())
+        need = plan.activation_bytes(arch, tokens, longest[0], plan.lora_targets(arch, cfg.lora_modules),
+                                     cfg.lora_r, 2 if cfg.use_bf16() else 4, cfg.lora_dropout, False)
+    except UserError:
+        return True, "auto: no memory estimate for this architecture, so on to be safe"
+    free = free_memory(device)
+    if free is None:
+        return True, "auto: free memory unknown, so on to be safe"
+    on = need > free / 2
+    return on, (f"auto: the largest micro-batch ({tokens} tokens) saves about {need / 2**30:.2f} GiB of activations "
+                f"without it, {free / 2**30:.1f} GiB free")
 
 
 def _adapter_state(model) -> dict:
@@ -172,6 +191,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if packing and use_packed_attention(model.get_base_model()) and info.is_main:
         log.info("attention: causal SDPA within each packed example (no work across examples)")
     pad_id = tokenizer.pad_token_id
+    checkpointing, why = decide_checkpointing(cfg, model, train_ex, packing, device)
+    if checkpointing:
+        enable_gradient_checkpointing(model.get_base_model())
+    if info.is_main:
+        log.info("gradient checkpointing: %s (%s)", "on" if checkpointing else "off", why)
 
     lines, n_trainable, n_total = trainable_report(model)
     micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
