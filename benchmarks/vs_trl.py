@@ -14,6 +14,11 @@ bitsandbytes). Same model directory, rows, text, hyperparameters and compute pre
   airoboros prompt format, loss on responses only; float32 compute unless --bf16 (an AVX2-only CPU runs bfloat16
   matmuls many times slower than float32: the two matmul peaks printed at the start show by how much).
 
+qlorakit runs twice by default (--qlorakit-checkpointing both): with gradient checkpointing on, as the job states
+and as TRL runs it, and with its own default ``gradient_checkpointing auto`` (on only where the activations of the
+largest micro-batch would take over half the free memory; the log and the notes say which it chose). Checkpointing changes no number, only time and memory; the
+table shows both runs and their peak memory against TRL's.
+
 The TRL data is a prompt/completion dataset: prompt = qlorakit's rendered airoboros prompt, completion = response +
 EOS, both from ``qlorakit.data.templates.render_segments``, so the two tools see the same text. TRL keeps its
 defaults otherwise (padding collator, no packing, completion-only loss for prompt-completion data); see
@@ -37,8 +42,9 @@ Measured, per tool:
                      built; qlorakit: its packed batches, rebuilt with its own functions)
   MFU                model FLOPs / seconds / this machine's measured matmul peak for the compute precision (best of
                      N square matmuls, measured in this process before the jobs run). Each tool's own FLOP count
-                     (below) over its loop and its wall time; and qlorakit's count over each tool's loop time, which
-                     credits neither tool for work the job does not need (a ratio of useful throughput).
+                     (below) over its loop and its wall time; and "useful MFU": one count for all, qlorakit's without
+                     recomputation (logits at trained positions only), over each tool's loop time, which credits no
+                     run for work the job does not need (a ratio of useful throughput).
 
 Model FLOPs of the job (``job_flops``), summed over the training examples, each with L real tokens (padding is
 never counted: it is waste, reported on its own) and t trained tokens; N_lin = weights of the linear layers of the
@@ -94,6 +100,12 @@ JOB = dict(bits=4, quant_type="nf4", double_quant=True, lora_r=16, lora_alpha=32
            gradient_checkpointing=True, optim="adamw_torch", weight_decay=0.0, warmup=0, scheduler="constant")
 
 
+# qlorakit's runs, by gradient_checkpointing setting: result keys and table labels.
+QLORAKIT_KEYS = {"true": "qlorakit", "auto": "qlorakit_auto"}
+LABELS = {"qlorakit": "qlorakit (checkpointing on)", "qlorakit_auto": "qlorakit (checkpointing auto)", "trl": "TRL"}
+GC_LOG_LINE = "gradient checkpointing: on"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,8 +121,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="OMP_NUM_THREADS for both jobs and torch threads for the matmul peak (0 = torch's default)")
     p.add_argument("--stock-trl-adapter-dtype", action="store_true",
                    help="leave TRL's cast of the LoRA weights to bfloat16 in place (default: float32, as qlorakit)")
+    p.add_argument("--qlorakit-checkpointing", choices=("both", "true", "auto"), default="both",
+                   help="qlorakit runs with gradient_checkpointing true (as the job says), auto (its default: off "
+                        "where memory allows, i.e. on a CPU), or both, one after the other (default)")
     p.add_argument("--qlorakit-args", default="",
                    help="extra 'qlorakit train' flags, appended (they win), e.g. \"--cache_dequantized false\"")
+    p.add_argument("--render", nargs="+", metavar="RESULT.json",
+                   help="run nothing: print the tables of saved results again (after a change to the table), "
+                        "updating their markdown")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "vs_trl"), help="run directories and child logs")
     p.add_argument("--results-dir", default=str(BENCH / "results"), help="where vs_trl-<workload>.json goes")
     return p.parse_args(argv)
@@ -150,12 +168,12 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def qlorakit_command(model_dir: str, data: Path, out: Path, bf16: bool) -> list[str]:
+def qlorakit_command(model_dir: str, data: Path, out: Path, bf16: bool, checkpointing: str) -> list[str]:
     j = JOB
     flags = dict(model_name_or_path=model_dir, dataset=str(data), dataset_format="airoboros",
                  prompt_format=j["prompt_format"], bits=j["bits"], quant_type=j["quant_type"],
                  double_quant=j["double_quant"], bf16="true" if bf16 else "false",
-                 gradient_checkpointing=j["gradient_checkpointing"], lora_r=j["lora_r"], lora_alpha=j["lora_alpha"],
+                 gradient_checkpointing=checkpointing, lora_r=j["lora_r"], lora_alpha=j["lora_alpha"],
                  lora_dropout=j["lora_dropout"], lora_modules="all", per_device_train_batch_size=j["batch"],
                  gradient_accumulation_steps=j["grad_accum"], learning_rate=j["lr"],
                  lr_scheduler_type=j["scheduler"], warmup_ratio=j["warmup"], num_train_epochs=j["epochs"],
@@ -452,24 +470,32 @@ def run_workload(name: str, args, model_dir: str, tokenizer, shape: dict, peak: 
     print(f"\n## workload {name}: {len(lines)} rows of {src.relative_to(ROOT)}, {response_tokens} response tokens, "
           f"{len(steps)} steps", flush=True)
     env = child_env(args.threads)
-    q_out, t_out = run_dir / "qlorakit", run_dir / "trl"
-    q_cmd = qlorakit_command(model_dir, train_file, q_out, args.bf16) + shlex.split(args.qlorakit_args)
-    q = run_child("qlorakit", q_cmd, run_dir / "qlorakit.log", env)
+    variants = ["true", "auto"] if args.qlorakit_checkpointing == "both" else [args.qlorakit_checkpointing]
+    qs = {}
+    for ck in variants:
+        key = QLORAKIT_KEYS[ck]
+        out = run_dir / key
+        cmd = qlorakit_command(model_dir, train_file, out, args.bf16, ck) + shlex.split(args.qlorakit_args)
+        q = run_child(key, cmd, run_dir / f"{key}.log", env)
+        q_rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+        q_losses = [r["loss"] for r in q_rows]
+        q["out"] = out
+        q["loop_seconds"] = qlorakit_loop_seconds(train_ex, steps, q_rows)
+        q["steps"] = len(q_rows)
+        q["final_train_loss"], q["mean_train_loss"] = q_losses[-1], sum(q_losses) / len(q_losses)
+        q["padding_waste"] = padding_waste(q_batches)
+        q["trained_tokens_own_count"] = sum(r["trained_tokens"] for r in q_rows)
+        q["examples"] = len(train_ex)
+        log_text = Path(q["log"]).read_text(encoding="utf-8", errors="replace")
+        q["gradient_checkpointing"] = GC_LOG_LINE in log_text
+        q["cache_dequantized"] = "cache_dequantized:" in log_text
+        q["model_flops"] = job_flops(shape, [(len(ex), ex.n_trained) for ex in train_ex], "trained", 4,
+                                     checkpointing=q["gradient_checkpointing"])
+        qs[key] = q
+    t_out = run_dir / "trl"
     t_report = run_dir / "trl_report.json"
     t = run_child("trl", trl_command(model_dir, trl_file, t_out, t_report, args.bf16, args.stock_trl_adapter_dtype),
                   run_dir / "trl.log", env)
-
-    # qlorakit's numbers
-    q_rows = [r for r in read_metrics(q_out / "metrics.jsonl") if "loss" in r]
-    q_losses = [r["loss"] for r in q_rows]
-    q["loop_seconds"] = qlorakit_loop_seconds(train_ex, steps, q_rows)
-    q["steps"] = len(q_rows)
-    q["final_train_loss"], q["mean_train_loss"] = q_losses[-1], sum(q_losses) / len(q_losses)
-    q["padding_waste"] = padding_waste(q_batches)
-    q["trained_tokens_own_count"] = sum(r["trained_tokens"] for r in q_rows)
-    q["examples"] = len(train_ex)
-    q_examples = [(len(ex), ex.n_trained) for ex in train_ex]
-    q["model_flops"] = job_flops(shape, q_examples, "trained", 4)
 
     # TRL's numbers
     tr = json.loads(t_report.read_text(encoding="utf-8"))
@@ -495,10 +521,14 @@ def run_workload(name: str, args, model_dir: str, tokenizer, shape: dict, peak: 
         print(f"  loading the shared evaluation ({len(heldout)} held-out rows of {args.heldout})", flush=True)
         evaluator["eval"] = HeldoutEval(model_dir, heldout, tokenizer, args.bf16)
     he = evaluator["eval"]
-    ev = {"base": he.base, "qlorakit": he.adapter(f"{name}_qlorakit", q_out), "trl": he.adapter(f"{name}_trl", t_out)}
+    ev = {"base": he.base, **{k: he.adapter(f"{name}_{k}", q["out"]) for k, q in qs.items()},
+          "trl": he.adapter(f"{name}_trl", t_out)}
     print(f"  held-out evaluation: {time.perf_counter() - t0:.1f} s", flush=True)
 
-    for tool, d in (("qlorakit", q), ("trl", t)):
+    q = qs[QLORAKIT_KEYS[variants[0]]]  # the job as stated
+    # The work the job needs: qlorakit's count (logits at trained positions) without recomputation.
+    needed = job_flops(shape, [(len(ex), ex.n_trained) for ex in train_ex], "trained", 4, checkpointing=False)
+    for tool, d in (*qs.items(), ("trl", t)):
         d["heldout_loss"] = ev[tool]["inference"]["loss"]
         d["heldout_loss_joint"] = ev[tool]["joint"]["loss"]
         d["tokens_per_second_wall"] = response_tokens / d["wall_seconds"]
@@ -506,7 +536,8 @@ def run_workload(name: str, args, model_dir: str, tokenizer, shape: dict, peak: 
         d["tokens_per_second_loop"] = response_tokens / loop if loop else None
         d["mfu_loop"] = d["model_flops"] / loop / peak if loop else None
         d["mfu_wall"] = d["model_flops"] / d["wall_seconds"] / peak
-        d["mfu_loop_needed"] = q["model_flops"] / loop / peak if loop else None
+        d["needed_flops"] = needed
+        d["mfu_loop_needed"] = needed / loop / peak if loop else None
 
     notes = []
     if q["examples"] != t["examples"]:
@@ -518,13 +549,13 @@ def run_workload(name: str, args, model_dir: str, tokenizer, shape: dict, peak: 
     if rep.truncated or rep.dropped_no_trained_tokens:
         notes.append(f"qlorakit: {len(rep.truncated)} rows cut to {JOB['max_length']} tokens, "
                      f"{len(rep.dropped_no_trained_tokens)} dropped; TRL cuts at the same length (start kept)")
-    log_text = Path(q["log"]).read_text(encoding="utf-8", errors="replace")
-    q["cache_dequantized"] = "cache_dequantized:" in log_text
     if q["cache_dequantized"]:
         notes.append("qlorakit dequantized the 4-bit base weights once to dense ones (its cache_dequantized auto on a "
                      "CPU; same numbers, more memory, no per-step dequantization); TRL dequantizes in every matmul. "
                      "Add --qlorakit-args '--cache_dequantized false' to compare without it")
-    if q["loop_seconds"] is None:
+    for key, d in qs.items():
+        notes.append(f"{LABELS[key]}: gradient checkpointing {'on' if d['gradient_checkpointing'] else 'off'}")
+    if any(d["loop_seconds"] is None for d in qs.values()):
         notes.append("qlorakit's loop time could not be rebuilt from its metrics.jsonl (its step plan changed?)")
     notes.append("TRL LoRA weights: " + ("bfloat16, TRL's own cast (--stock-trl-adapter-dtype)"
                                          if args.stock_trl_adapter_dtype else
@@ -533,7 +564,8 @@ def run_workload(name: str, args, model_dir: str, tokenizer, shape: dict, peak: 
     notes.append("the tools draw rows in different seeded orders, so their step losses are of different batches")
 
     return {"workload": name, "source": str(src.relative_to(ROOT)), "rows": len(lines), "steps": len(steps),
-            "response_tokens": response_tokens, "precision": precision, "qlorakit": q, "trl": t,
+            "response_tokens": response_tokens, "precision": precision,
+            **{k: {**d, "out": str(d["out"])} for k, d in qs.items()}, "trl": t,
             "heldout": {"file": args.heldout, "rows": len(he.rows), "losses": ev,
                         "sha256": hashlib.sha256(Path(args.heldout).read_bytes()).hexdigest()}, "notes": notes}
 
@@ -547,7 +579,7 @@ def fmt(x, spec: str) -> str:
 
 
 def table(res: dict, header: str) -> str:
-    q, t = res["qlorakit"], res["trl"]
+    t = res["trl"]
     base = res["heldout"]["losses"]["base"]["inference"]["loss"]
     rows = [
         ("wall seconds (whole process)", "wall_seconds", ".1f"),
@@ -563,15 +595,19 @@ def table(res: dict, header: str) -> str:
         ("model TFLOPs (head where each computes it)", "model_flops", ".3f"),
         ("MFU (loop)", "mfu_loop", ".2%"),
         ("MFU (wall)", "mfu_wall", ".2%"),
-        ("MFU (loop), qlorakit's FLOP count for both", "mfu_loop_needed", ".2%"),
+        ("useful MFU (loop): the job's FLOPs without recompute, for all", "mfu_loop_needed", ".2%"),
     ]
-    out = [header, "", "| metric | qlorakit | TRL | TRL / qlorakit |", "|---|---:|---:|---:|"]
+    keys = [k for k in QLORAKIT_KEYS.values() if k in res]
+    cols = [LABELS[k] for k in keys] + ["TRL"] + [f"TRL / {LABELS[k]}" for k in keys]
+    out = [header, "", "| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for label, key, spec in rows:
-        a, b = q.get(key), t.get(key)
+        vals = [res[k].get(key) for k in keys]
+        b = t.get(key)
         if key == "model_flops":
-            a, b = a / 1e12, b / 1e12
-        ratio = b / a if (a and b is not None) else None
-        out.append(f"| {label} | {fmt(a, spec)} | {fmt(b, spec)} | {fmt(ratio, '.2f')} |")
+            vals, b = [v / 1e12 for v in vals], b / 1e12
+        ratios = [b / a if (a and b is not None) else None for a in vals]
+        out.append(f"| {label} | " + " | ".join([fmt(v, spec) for v in vals] + [fmt(b, spec)]
+                                                + [fmt(r, ".2f") for r in ratios]) + " |")
     return "\n".join(out)
 
 
@@ -600,8 +636,32 @@ def quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
 
 
+def render(paths: list[str]) -> int:
+    """Tables of saved results, rebuilt with this script's table(); the useful-MFU row recomputed."""
+    for path in map(Path, paths):
+        res = json.loads(path.read_text(encoding="utf-8"))
+        peak = res["matmul_peaks"][res["precision"]]["flops_per_second"]
+        runs = [k for k in (*QLORAKIT_KEYS.values(), "trl") if k in res]
+        needed = res["trl"].get("needed_flops") or next(
+            (res[k]["model_flops"] for k in runs if k != "trl" and res[k].get("gradient_checkpointing") is False),
+            None)
+        if needed is None:
+            sys.exit(f"{path}: no FLOP count without recomputation saved; run the benchmark again")
+        for k in runs:
+            loop = res[k].get("loop_seconds")
+            res[k]["needed_flops"], res[k]["mfu_loop_needed"] = needed, (needed / loop / peak if loop else None)
+        header, _, rest = res["markdown"].partition("\n\n| metric")
+        notes = rest.partition("\n\n- ")[2]
+        res["markdown"] = table(res, header) + ("\n\n- " + notes if notes else "")
+        path.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
+        print(f"{res['markdown']}\n\nfrom {path} ({res['command']})\n")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(args.render)
     command = shlex.join(["python", os.path.relpath(__file__, Path.cwd())] + (sys.argv[1:] if argv is None else argv))
     import torch
 
@@ -640,7 +700,8 @@ def main(argv=None) -> int:
                   f"rows, {res['steps']} steps, {res['response_tokens']} trained tokens, {precision} compute\n\n"
                   f"{Path(model_dir).name}, 4-bit NF4 double-quant, LoRA r {JOB['lora_r']} alpha "
                   f"{JOB['lora_alpha']:g} dropout {JOB['lora_dropout']} on all linear layers, batch {JOB['batch']} x "
-                  f"GA {JOB['grad_accum']}, lr {JOB['lr']:g} constant, {JOB['epochs']} epoch, gradient checkpointing. "
+                  f"GA {JOB['grad_accum']}, lr {JOB['lr']:g} constant, {JOB['epochs']} epoch, gradient checkpointing on "
+                  f"(TRL) / as labelled (qlorakit). "
                   f"Matmul peak ({precision}, {cpu}, {torch.get_num_threads()} threads): "
                   f"{peak / 1e9:.1f} GFLOP/s. Held-out: {res['heldout']['rows']} rows of "
                   f"{os.path.relpath(res['heldout']['file'], ROOT)}.")
