@@ -38,15 +38,12 @@ def load_run(run_dir: str | Path, device: torch.device | None = None):
     from peft import PeftModel
 
     from .model.load import apply_cache_dequantized, load_base_model, load_tokenizer
+    from .options import run_files
 
     run_dir = Path(run_dir)
-    if not (run_dir / "adapter_config.json").is_file():
-        raise UserError(f"{run_dir} holds no adapter (adapter_config.json); give a run directory or a "
-                        "checkpoint-STEP folder of a finished 'qlorakit train'")
-    cfg_dir = run_dir if (run_dir / "qlorakit_config.yaml").is_file() else run_dir.parent
+    adapter_cfg, cfg_dir, tok_dir = run_files(run_dir)
     cfg = load_run_config(cfg_dir)
-    base_path = json.loads((run_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
-    tok_dir = run_dir if (run_dir / "tokenizer_config.json").is_file() else cfg_dir
+    base_path = adapter_cfg["base_model_name_or_path"]
     tokenizer = load_tokenizer(str(tok_dir), cfg.trust_remote_code)
     base = load_base_model(base_path, bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
                            bf16=cfg.use_bf16(), trust_remote_code=cfg.trust_remote_code, device=device)

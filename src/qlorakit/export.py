@@ -10,7 +10,6 @@ Two bases to merge into:
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import tempfile
@@ -19,19 +18,10 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .options import run_options
+from .options import run_files, run_options
 
 MERGE_BASES = ("dequantized", "original")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _run_files(run_dir: Path) -> tuple[dict, Path]:
-    """The adapter config of ``run_dir`` (a run or a checkpoint in it) and the folder with the run's config."""
-    if not (run_dir / "adapter_config.json").is_file():
-        raise UserError(f"{run_dir} holds no adapter (adapter_config.json); give a run directory or a "
-                        "checkpoint-STEP folder of a 'qlorakit train' run")
-    cfg_dir = run_dir if (run_dir / "qlorakit_config.yaml").is_file() else run_dir.parent
-    return json.loads((run_dir / "adapter_config.json").read_text()), cfg_dir
 
 
 def lora_deltas(run_dir: Path, adapter_cfg: dict) -> dict[str, torch.Tensor]:
@@ -80,7 +70,7 @@ def merged_model(run_dir: Path, base: str = "dequantized", dtype: str | None = N
 
     if base not in MERGE_BASES:
         raise UserError(f"--base: {base!r} is not one of {', '.join(MERGE_BASES)}")
-    adapter_cfg, cfg_dir = _run_files(run_dir)
+    adapter_cfg, cfg_dir, tok_dir = run_files(run_dir)
     cfg = load_run_config(cfg_dir)
     base_path = adapter_cfg["base_model_name_or_path"]
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
@@ -101,7 +91,6 @@ def merged_model(run_dir: Path, base: str = "dequantized", dtype: str | None = N
                             f"{run_dir} is damaged (train again or use an earlier checkpoint)")
     target = DTYPES[dtype] if dtype else (saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.bfloat16)
     model = model.to(target)
-    tok_dir = run_dir if (run_dir / "tokenizer_config.json").is_file() else cfg_dir
     tokenizer = load_tokenizer(str(tok_dir), cfg.trust_remote_code)
     tokenizer.chat_template = chat_template(cfg.prompt_format, tokenizer)
     return model, tokenizer, cfg
