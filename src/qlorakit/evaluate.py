@@ -101,7 +101,7 @@ def eval_main(argv: list[str]) -> int:
     import sys
 
     from .chat import Sampling, generate_replies, load_run
-    from .data.formats import read_jsonl
+    from .data.formats import _json_rows, read_jsonl
     from .data.tokenize import tokenize_all
     from .errors import UserError
     from .options import run_options
@@ -130,7 +130,7 @@ def eval_main(argv: list[str]) -> int:
         both(lambda: eval_loss(model, examples, batch_size=cfg.per_device_eval_batch_size, pad_id=tok.pad_token_id,
                                packing=supports_packing(model), device=device, use_bf16=bf16))
         if n_gen > 0:
-            raw = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()][:n_gen]
+            raw = [row for _, row in _json_rows(path)][:n_gen]  # the rows read_jsonl read, with their extra keys
             refs = [r.get("answer") or c.messages[-1].content for r, c in zip(raw, convs)]
             prompts = [list(c.messages[:-1]) for c in convs[:len(refs)]]
             sampling = Sampling(max_new_tokens=min(256, max(len(tok(r)["input_ids"]) for r in refs) + 32))
