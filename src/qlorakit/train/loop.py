@@ -159,13 +159,6 @@ def decide_checkpointing(cfg: TrainConfig, model, examples: list[Example], packi
                 f"without it, {free / 2**30:.1f} GiB free")
 
 
-def _adapter_state(model) -> dict:
-    """The adapter's weights, full tensors on the CPU (a collective under FSDP: every rank calls it)."""
-    from .distributed import adapter_state
-
-    return adapter_state(model)
-
-
 def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     info = dist.init()
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="qlorakit: %(message)s")
@@ -218,7 +211,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                  total_steps, warmup_steps(total_steps, cfg.warmup_ratio),
                  "packed padding-free" if packing else "padded")
 
-    from .distributed import is_fsdp, load_adapter, load_optimizer, optimizer_state, shard_step, unwrap, wrap_model
+    from .distributed import (adapter_state, is_fsdp, load_adapter, load_optimizer, optimizer_state, shard_step,
+                              unwrap, wrap_model)
     model = wrap_model(model, cfg, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
@@ -226,17 +220,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
 
     state = ckpt.TrainState(total_steps=total_steps, world_size=info.world_size)
     resume_step = None
-    if cfg.resume_from_checkpoint:
-        path = resume_path
-        state = ckpt.load_checkpoint(path, unwrap(model), optimizer, scheduler, rank=info.rank,
+    if resume_path is not None:
+        state = ckpt.load_checkpoint(resume_path, unwrap(model), optimizer, scheduler, rank=info.rank,
                                      load_adapter=lambda w: load_adapter(model, w),
                                      load_optimizer=lambda s: load_optimizer(model, optimizer, s))
         if state.world_size != info.world_size:
-            raise ckpt.CheckpointError(f"cannot resume from {path}: it was written by {state.world_size} processes, "
-                                       f"this run has {info.world_size}; resume with the same number")
+            raise ckpt.CheckpointError(f"cannot resume from {resume_path}: it was written by {state.world_size} "
+                                       f"processes, this run has {info.world_size}; resume with the same number")
         resume_step = state.step
         if info.is_main:
-            log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, state.step, state.epoch,
+            log.info("resumed from %s at step %d (epoch %d, step %d of it)", resume_path, state.step, state.epoch,
                      state.step_in_epoch)
 
     if info.is_main:
@@ -268,7 +261,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                              state.evals_without_improvement, state.best_step)
 
     def save_now() -> None:
-        adapter = _adapter_state(model)
+        adapter = adapter_state(model)
         opt_state = optimizer_state(model, optimizer)  # every rank: gathers under FSDP
         rank_rngs = dist.gather_objects(ckpt.rng_state(), info)
         if info.is_main:
@@ -369,7 +362,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     if cfg.eval_strategy != "no" and eval_ex and (not state.eval_history or state.eval_history[-1]["step"] !=
                                                   state.step):
         evaluate_now()
-    adapter = _adapter_state(model) if is_fsdp(model) else None  # gathered by every rank
+    adapter = adapter_state(model) if is_fsdp(model) else None  # gathered by every rank
     if info.is_main:
         from .finish import write_run_dir
 
