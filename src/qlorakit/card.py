@@ -135,8 +135,8 @@ def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict],
                stopped: str, prompt_example: str, data_path: Path) -> Path:
     lic = base_license(base_path)
     dataset_name = "qlorakit-sample-airoboros" if cfg.dataset == "default" else Path(cfg.dataset).stem
-    front = {"license": lic, "base_model": public_base_name(base_path), "datasets": [dataset_name], "library_name": "peft",
-             "pipeline_tag": "text-generation",
+    front = {"license": lic, "base_model": public_base_name(base_path), "datasets": [dataset_name],
+             "library_name": "peft", "pipeline_tag": "text-generation",
              "tags": ["qlora", "lora", "peft", "qlorakit", f"{cfg.bits}bit", cfg.prompt_format]}
     name = out.resolve().name
     lines = [
