@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+	# Where the processor has AVX512, the numeric tests run again on torch's, oneDNN's and bitsandbytes' AVX2
+	# kernels, the path an AVX2-only machine takes (docs/testing.md): a difference shows here, not first in CI.
+	if grep -q avx512 /proc/cpuinfo 2>/dev/null; then \
+	  ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -m numerics -p no:cacheprovider; fi
 
 bench-trl: setup
 	$(BIN)/python -m pip install -q -c constraints.txt 'trl==1.16.0'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -11,6 +12,8 @@ from qlorakit.data.batching import collate
 from qlorakit.data.formats import read_jsonl
 from qlorakit.data.tokenize import tokenize_all
 from qlorakit.train.step import accumulate, autocast, count_trained, loss_sum
+
+pytestmark = pytest.mark.numerics  # rerun on AVX2 kernels where the CPU has AVX512
 
 SGD_ONE_STEP = ["--optim", "sgd", "--max_steps", "1", "--lora_dropout", "0", "--bf16", "false",
                 "--max_grad_norm", "0", "--learning_rate", "0.5", "--save_strategy", "no", "--eval_strategy", "no",

@@ -146,6 +146,7 @@ def test_two_processes_equal_one_with_accumulation(mode, five_rows_one_process):
 
 # --- checkpoint and resume --------------------------------------------------------------------------------------
 
+@pytest.mark.numerics  # it caught bitsandbytes' AVX512-BF16 repacking (docs/testing.md)
 def test_resumed_two_process_runs_match_uninterrupted(tiny_llama, tmp_path):
     """A: DDP, 3 AdamW steps with dropout, a checkpoint each step, launched by ``qlorakit train --nproc 2``.
     B: FSDP resumed from A's checkpoint-1 (mid-epoch; position-keyed optimizer state, every rank's RNG).

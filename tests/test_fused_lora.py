@@ -11,6 +11,8 @@ from qlorakit.model.fused_lora import keep_mask
 from qlorakit.model.load import load_base_model
 from qlorakit.model.lora import add_lora, target_modules
 
+pytestmark = pytest.mark.numerics  # rerun on AVX2 kernels where the CPU has AVX512
+
 
 def _model(path, dropout: float, fused: bool, checkpointing: bool = False):
     from peft.tuners.lora.layer import Linear as LoraLinear

@@ -11,6 +11,8 @@ from qlorakit.data.batching import collate_packed, collate_padded, epoch_order, 
 from qlorakit.data.formats import Conversation, Message
 from qlorakit.data.tokenize import IGNORE, tokenize_all
 
+pytestmark = pytest.mark.numerics  # rerun on AVX2 kernels where the CPU has AVX512
+
 
 @pytest.fixture(scope="module")
 def llama(tiny_llama):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qlorakit.model.load import cache_dequantized, load_base_model
 from qlorakit.model.lora import add_lora, target_modules
+
+pytestmark = pytest.mark.numerics  # rerun on AVX2 kernels where the CPU has AVX512
 
 
 def _lora_model(path, cache: bool):

@@ -169,7 +169,26 @@ def load_base_model(path: str, *, bits: int = 4, quant_type: str = "nf4", double
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False
+    keep_bnb_cpu_layout(model)
     return model
+
+
+def keep_bnb_cpu_layout(model) -> int:
+    """Turn off bitsandbytes' AVX512-BF16 repacking of 4-bit weights; returns how many layers it was on for.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit``'s weight in place the first time it runs
+    in eval mode on an input without grad, and from then on multiplies through a bf16 kernel that has no backward:
+    a float32 model silently computes in bf16 (about 6e-3 off a dense matmul), and after any eval pass a layer
+    without bias passes no gradient to its input, so every LoRA layer below it stops learning. That made a
+    resumed FSDP run differ by 24% from an uninterrupted one on such CPUs only. With the flag off every CPU takes
+    the same dequantize-then-matmul path, whose result equals the dequantized weights' (tests/test_cpu_paths.py).
+    """
+    flagged = 0
+    for mod in model.modules():
+        if getattr(mod, "support_avx512bf16_for_cpu", False):
+            mod.support_avx512bf16_for_cpu = False
+            flagged += 1
+    return flagged
 
 
 def enable_gradient_checkpointing(model) -> None:
