@@ -89,7 +89,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 WORKLOADS = {"closed": BENCH / "data" / "closed_context_64.jsonl", "spread": BENCH / "data" / "spread.jsonl"}
-HELDOUT = ROOT / "src" / "qlorakit" / "defaults" / "heldout_closed_context.jsonl"
+HELDOUT = ROOT / "src" / "qlorakit" / "resources" / "heldout_closed_context.jsonl"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 os.environ.update(OFFLINE_ENV)
@@ -330,7 +330,8 @@ class HeldoutEval:
     def __init__(self, model_dir: str, convs, tokenizer, bf16: bool):
         from qlorakit.data.templates import render_segments
         from qlorakit.data.tokenize import segments_to_ids
-        from qlorakit.model.load import device_for_training, load_base_model
+        from qlorakit.devices import device_for_training
+        from qlorakit.model.load import load_base_model
 
         self.bf16 = bf16
         self.device = device_for_training()

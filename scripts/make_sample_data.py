@@ -7,10 +7,10 @@ Run from the repository root::
 
 Files written (paths relative to the output root):
 
-* ``src/qlorakit/defaults/sample_airoboros.jsonl``      132 training rows, airoboros 1.4 layout
+* ``src/qlorakit/resources/sample_airoboros.jsonl``      132 training rows, airoboros 1.4 layout
   (``instruction``/``response``/``category``); ~75% closed-context questions, ~25% short general tasks. Sized so that
   two epochs of the default job fit in a few minutes on a 2-core CPU.
-* ``src/qlorakit/defaults/heldout_closed_context.jsonl`` 40 closed-context rows whose invented names, urls and
+* ``src/qlorakit/resources/heldout_closed_context.jsonl`` 40 closed-context rows whose invented names, urls and
   answers never occur in the training file; extra keys ``answer`` (fact a correct response contains) and
   ``source`` (url it must cite).
 * ``benchmarks/data/spread.jsonl``                       64 rows, lengths log-spread from ~20 to ~1,400 tokens.
@@ -36,8 +36,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-TRAIN_FILE = "src/qlorakit/defaults/sample_airoboros.jsonl"
-HELDOUT_FILE = "src/qlorakit/defaults/heldout_closed_context.jsonl"
+TRAIN_FILE = "src/qlorakit/resources/sample_airoboros.jsonl"
+HELDOUT_FILE = "src/qlorakit/resources/heldout_closed_context.jsonl"
 SPREAD_FILE = "benchmarks/data/spread.jsonl"
 CC64_FILE = "benchmarks/data/closed_context_64.jsonl"
 SEEDS = {"train": 1404, "heldout": 4041, "spread": 2020, "cc64": 6464}

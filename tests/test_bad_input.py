@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from qlorakit.cli import main
 
 GOOD = '{"instruction": "Say yes.", "response": "Yes."}'

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import qlorakit
-from conftest import write_jsonl
+from helpers import write_jsonl
 from qlorakit.cli import main
 from qlorakit.config import TrainConfig
 from qlorakit.model import load

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .console import quiet_libraries
 from .errors import UserError
 
 USAGE = """usage: qlorakit COMMAND ...
@@ -23,23 +24,6 @@ commands:
   plan MODEL [--key value ...]            peak memory per device before you rent GPUs
 
 'qlorakit COMMAND --help' describes each command."""
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
-    # Deprecation notices from libraries about their own internals are not the user's to act on.
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -93,9 +77,10 @@ def cmd_data(argv: list[str]) -> int:
                         "--model_max_len N ...]")
     from .config import build_config
     from .data.check import check_file
+    from .model.load import load_tokenizer, resolve_model_path
 
     cfg = build_config(["--dataset", argv[1], *argv[2:]])
-    print(check_file(cfg))
+    print(check_file(cfg, lambda c: load_tokenizer(resolve_model_path(c.model_name_or_path), c.trust_remote_code)))
     return 0
 
 
@@ -111,12 +96,12 @@ def _lazy(module: str, func: str):
 COMMANDS = {
     "train": cmd_train,
     "data": cmd_data,
-    "merge": _lazy("export", "merge_main"),
-    "export": _lazy("export", "export_main"),
-    "chat": _lazy("chat", "chat_main"),
-    "generate": _lazy("chat", "generate_main"),
-    "eval": _lazy("evaluate", "eval_main"),
-    "plan": _lazy("plan", "plan_main"),
+    "merge": _lazy("export.merge", "merge_main"),
+    "export": _lazy("export.merge", "export_main"),
+    "chat": _lazy("infer.commands", "chat_main"),
+    "generate": _lazy("infer.commands", "generate_main"),
+    "eval": _lazy("evaluate.command", "eval_main"),
+    "plan": _lazy("plan.command", "plan_main"),
 }
 
 
@@ -129,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"qlorakit: unknown command '{name}'; see 'qlorakit --help'", file=sys.stderr)
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return COMMANDS[name](rest)
     except UserError as e:

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .resources import SAMPLE_DATASET
 
 
 class ConfigError(UserError):
@@ -101,9 +102,13 @@ class TrainConfig:
     # ------------------------------------------------------------------
     def use_bf16(self) -> bool:
         """Whether this run computes in bfloat16 on this machine's device."""
-        from .model.load import bf16_is_fast
+        from .devices import bf16_is_fast
 
         return bf16_is_fast() if self.bf16 == "auto" else self.bf16 == "true"
+
+    def dataset_path(self) -> Path:
+        """The training rows' file: ``default`` is the sample shipped in qlorakit/resources."""
+        return SAMPLE_DATASET if self.dataset == "default" else Path(self.dataset)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

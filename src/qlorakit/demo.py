@@ -14,10 +14,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from .cli import _quiet_libraries
-
-HELDOUT = Path(__file__).resolve().parent / "defaults" / "heldout_closed_context.jsonl"
-
+from .console import quiet_libraries
+from .resources import HELDOUT_CLOSED_CONTEXT as HELDOUT
 
 def heldout_rows(n: int) -> list[dict]:
     rows = [json.loads(line) for line in HELDOUT.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -33,7 +31,8 @@ def score(replies: list[str], rows: list[dict]) -> tuple[float, float]:
 
 def compare(run_dir: Path, n: int = 8, shown: int = 2) -> dict:
     """Replies of the tuned and the base model to ``n`` held-out rows, printed side by side, and their scores."""
-    from .chat import Sampling, generate_replies, load_run
+    from .generation import Sampling, generate_replies
+    from .runs import load_run
     from .data.formats import Message
 
     model, tokenizer, cfg = load_run(run_dir)
@@ -57,7 +56,7 @@ def compare(run_dir: Path, n: int = 8, shown: int = 2) -> dict:
 
 
 def main() -> int:
-    _quiet_libraries()
+    quiet_libraries()
     from .config import build_config
     from .errors import UserError
     from .train.loop import train

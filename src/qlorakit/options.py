@@ -3,9 +3,7 @@ parsing, and where a run directory (or a checkpoint in it) keeps its files."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import NamedTuple
 
 from .errors import UserError
 
@@ -28,20 +26,3 @@ def run_options(argv: list[str], defaults: dict[str, str], usage: str) -> tuple[
             raise UserError(f"{rest[i]} needs a value; {usage}")
         opts[key] = rest[i + 1]
     return Path(argv[0]), opts
-
-
-class RunFiles(NamedTuple):
-    adapter_config: dict  # adapter_config.json
-    config_dir: Path  # holds qlorakit_config.yaml: the run, also for one of its checkpoints
-    tokenizer_dir: Path
-
-
-def run_files(run_dir: Path) -> RunFiles:
-    """The adapter config of ``run_dir`` (a run directory or a checkpoint-STEP folder in one) and the folders with
-    the run's config and tokenizer; a folder without an adapter is a one-line error."""
-    if not (run_dir / "adapter_config.json").is_file():
-        raise UserError(f"{run_dir} holds no adapter (adapter_config.json); give a run directory or a "
-                        "checkpoint-STEP folder of a 'qlorakit train' run")
-    cfg_dir = run_dir if (run_dir / "qlorakit_config.yaml").is_file() else run_dir.parent
-    tok_dir = run_dir if (run_dir / "tokenizer_config.json").is_file() else cfg_dir
-    return RunFiles(json.loads((run_dir / "adapter_config.json").read_text()), cfg_dir, tok_dir)

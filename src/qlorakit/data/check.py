@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import TrainConfig
@@ -30,11 +31,10 @@ def marked_example(ex, tokenizer) -> str:
     return "".join(out)
 
 
-def check_file(cfg: TrainConfig) -> str:
-    from ..model.load import load_tokenizer, resolve_model_path
-
+def check_file(cfg: TrainConfig, tokenizer_for: Callable[[TrainConfig], object]) -> str:
+    """The report of ``qlorakit data check``; ``tokenizer_for(cfg)`` loads the tokenizer once the rows are valid."""
     convs = read_jsonl(Path(cfg.dataset), cfg.dataset_format)  # bad data is reported before any model loads
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model_name_or_path), cfg.trust_remote_code)
+    tokenizer = tokenizer_for(cfg)
     full = [tokenize_conversation(c, tokenizer, cfg.prompt_format, cfg.train_on_source) for c in convs]
     lengths = sorted(len(e) for e in full)
     over = [e.source for e in full if len(e) > cfg.model_max_len]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import device_for_training, free_memory
 from ..errors import UserError
 
 log = logging.getLogger("qlorakit")
@@ -130,20 +131,10 @@ def quantization_config(bits: int, quant_type: str, double_quant: bool, compute_
     return None
 
 
-def device_for_training() -> torch.device:
-    if torch.cuda.is_available():
-        rank = int(os.environ.get("LOCAL_RANK", 0))
-        return torch.device("cuda", rank)
-    return torch.device("cpu")
-
-
-def bf16_is_fast() -> bool:
-    """True where bfloat16 matrix multiplies beat float32: CUDA GPUs with bf16, CPUs with AMX or AVX512-BF16.
-    (On an AVX2-only CPU, bf16 matmuls ran 20-80x slower than float32 here.)"""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+def load_base_for_run(path: str, cfg, device: torch.device | None = None):
+    """The base model of ``path`` loaded and quantized as the run config ``cfg`` says (one home for that call)."""
+    return load_base_model(path, bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
+                           bf16=cfg.use_bf16(), trust_remote_code=cfg.trust_remote_code, device=device)
 
 
 def load_base_model(path: str, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
@@ -216,16 +207,6 @@ def should_cache_dequantized(setting: str, model, dtype: torch.dtype, device: to
         return False  # on a GPU, 4-bit weights exist to save memory; dequantizing on the fly is cheap there
     free = free_memory(device)
     return free is not None and dense_bytes(model, dtype) < free / 4
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free now on ``device`` (a CUDA GPU's free memory, or the host's available RAM), None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
 
 
 def apply_cache_dequantized(model, setting: str, bits: int, dtype: torch.dtype, device: torch.device) -> int:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .. import dist
+from . import processes as dist
 from ..config import TrainConfig
 from ..errors import UserError
 

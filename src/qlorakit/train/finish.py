@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..card import write_card
+from .card import write_card
 from ..config import TrainConfig, save_config
 from ..data.formats import Message
 from ..data.templates import render_text, stop_text
@@ -77,10 +77,7 @@ def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.Tra
     metrics = Metrics(out / "metrics.jsonl", resume_step=state.step).rows()
     plot_loss(metrics, out / "loss.png")
     base_path = peft_model.peft_config["default"].base_model_name_or_path
-    from .loop import default_dataset
-
-    data_path = default_dataset() if cfg.dataset == "default" else Path(cfg.dataset)
-    write_card(cfg, out, base_path, metrics, state.best_step, stopped, fmt["example"], data_path)
+    write_card(cfg, out, base_path, metrics, state.best_step, stopped, fmt["example"], cfg.dataset_path())
     log.info("run directory: %s (adapter, tokenizer, qlorakit_config.yaml, metrics.jsonl, README.md)", out)
     if state.best_step is not None:
         best_epoch = next(m["epoch"] for m in state.eval_history if m["step"] == state.best_step)

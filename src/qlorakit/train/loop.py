@@ -12,21 +12,22 @@ from pathlib import Path
 
 import torch
 
-from .. import dist
+from . import processes as dist
 from ..errors import UserError
 from ..config import TrainConfig, save_config
 from ..data.batching import collate, epoch_order, plan_steps
 from ..data.formats import Conversation, read_jsonl
 from ..data.tokenize import Example, tokenize_all
-from ..evaluate import eval_loss
-from ..model.load import (apply_cache_dequantized, device_for_training, enable_gradient_checkpointing, free_memory,
-                          load_base_model, load_tokenizer, resolve_model_path)
+from ..devices import device_for_training, free_memory
+from ..model.load import (apply_cache_dequantized, enable_gradient_checkpointing, load_base_for_run, load_tokenizer,
+                          resolve_model_path)
 from ..model.attention import use_packed_attention
 from ..model.lora import add_lora, target_modules, trainable_report
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .progress import Metrics, Progress
 from .step import accumulate, count_trained, supports_packing
+from .validate import eval_loss
 
 log = logging.getLogger("qlorakit")
 
@@ -43,10 +44,6 @@ class RunResult:
     stopped: str  # "finished", "early_stopping", "interrupted"
     best_step: int | None = None
     best_eval_loss: float | None = None
-
-
-def default_dataset() -> Path:
-    return Path(__file__).resolve().parent.parent / "defaults" / "sample_airoboros.jsonl"
 
 
 def split_eval(convs: list[Conversation], size: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
@@ -90,7 +87,7 @@ class StopRequest:
 
 def read_data(cfg: TrainConfig) -> tuple[list[Conversation], list[Conversation], list[str]]:
     """Training and eval conversations, validated before any model is loaded, and lines that report the split."""
-    path = default_dataset() if cfg.dataset == "default" else Path(cfg.dataset)
+    path = cfg.dataset_path()
     convs = read_jsonl(path, cfg.dataset_format)
     if cfg.eval_dataset:
         train_convs, eval_convs = convs, read_jsonl(cfg.eval_dataset, cfg.dataset_format)
@@ -121,8 +118,7 @@ def tokenize_data(cfg: TrainConfig, tokenizer, train_convs, eval_convs) -> tuple
 def build_model(cfg: TrainConfig, device: torch.device):
     path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    model = load_base_model(path, bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                            bf16=cfg.use_bf16(), trust_remote_code=cfg.trust_remote_code, device=device)
+    model = load_base_for_run(path, cfg, device)
     dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
     # Under FSDP the 4-bit weights are what gets sharded; "auto" keeps them packed there.
     cache_setting = "false" if cfg.fsdp and cfg.cache_dequantized == "auto" else cfg.cache_dequantized
@@ -139,15 +135,14 @@ def decide_checkpointing(cfg: TrainConfig, model, examples: list[Example], packi
     possible micro-batch saves without it (qlorakit.plan's estimate) exceed half the device's free memory."""
     if cfg.gradient_checkpointing != "auto":
         return cfg.gradient_checkpointing == "true", "asked for"
-    from .. import plan
-    from ..errors import UserError
+    from ..model import memory
 
     micro = cfg.per_device_train_batch_size
     longest = sorted((len(e) for e in examples), reverse=True)[:micro]
     tokens = sum(longest) if packing else micro * longest[0]
     try:
-        arch = plan.architecture(model.get_base_model().config.to_dict())
-        need = plan.activation_bytes(arch, tokens, longest[0], plan.lora_targets(arch, cfg.lora_modules),
+        arch = memory.architecture(model.get_base_model().config.to_dict())
+        need = memory.activation_bytes(arch, tokens, longest[0], memory.lora_targets(arch, cfg.lora_modules),
                                      cfg.lora_r, 2 if cfg.use_bf16() else 4, cfg.lora_dropout, False)
     except UserError:
         return True, "auto: no memory estimate for this architecture, so on to be safe"
@@ -268,7 +263,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
             from safetensors import SafetensorError
 
             try:
-                path = ckpt.save_checkpoint(out, getattr(model, "module", model), optimizer, scheduler, state, cfg,
+                ckpt.save_checkpoint(out, getattr(model, "module", model), optimizer, scheduler, state, cfg,
                                             adapter_state=adapter, optimizer_state=opt_state,
                                             rank_rng_states=rank_rngs)
             except (OSError, SafetensorError) as e:  # SafetensorError: an I/O error writing the adapter

@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import airoboros_rows, write_jsonl
+from helpers import SGD_ONE_STEP, airoboros_rows, lora_b, rel_diff, write_jsonl
 from qlorakit.cli import main
 from qlorakit.data.batching import collate
 from qlorakit.data.formats import read_jsonl
 from qlorakit.data.tokenize import tokenize_all
-from qlorakit.train.step import accumulate, autocast, count_trained, loss_sum
+from qlorakit.train.step import accumulate, count_trained, loss_sum
 
 pytestmark = pytest.mark.numerics  # rerun on AVX2 kernels where the CPU has AVX512
-
-SGD_ONE_STEP = ["--optim", "sgd", "--max_steps", "1", "--lora_dropout", "0", "--bf16", "false",
-                "--max_grad_norm", "0", "--learning_rate", "0.5", "--save_strategy", "no", "--eval_strategy", "no",
-                "--warmup_ratio", "0"]
-
-
-def rel_diff(a: dict, b: dict) -> float:
-    num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
-    den = sum(float(a[k].float().norm() ** 2) for k in a) ** 0.5
-    return num / den
-
-
-def lora_b(run_dir) -> dict:
-    w = load_file(run_dir / "adapter_model.safetensors")
-    return {k: v for k, v in w.items() if "lora_B" in k}
-
 
 def forty_fold_rows(tmp_path):
     rows = airoboros_rows(4)

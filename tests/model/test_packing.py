@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import airoboros_rows
+from helpers import airoboros_rows
 from qlorakit.data.batching import collate_packed, collate_padded, epoch_order, plan_steps
 from qlorakit.data.formats import Conversation, Message
 from qlorakit.data.tokenize import IGNORE, tokenize_all

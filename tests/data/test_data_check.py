@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from qlorakit.cli import main
 from qlorakit.data.formats import read_jsonl
 from qlorakit.data.templates import render_text

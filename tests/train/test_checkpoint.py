@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import airoboros_rows, write_jsonl
+from helpers import airoboros_rows, write_jsonl
 from qlorakit.cli import main
 from qlorakit.config import build_config, save_config
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train import loop
-from test_accumulation import rel_diff
+from helpers import rel_diff
 
 RESUME = ["--optim", "adamw_torch", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.25", "--lora_dropout", "0.1",
           "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--per_device_train_batch_size", "2",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from qlorakit.cli import main
 from qlorakit.data.formats import DataError, Message, read_jsonl
 from qlorakit.data.templates import AIROBOROS_SYSTEM, render_text

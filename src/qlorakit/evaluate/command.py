@@ -1,38 +1,13 @@
-"""Evaluation: loss and perplexity over examples (token-weighted, like training)."""
+"""``qlorakit eval RUN_DIR``: loss, perplexity and answer scores of the base and the tuned model side by side."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
-from .data.batching import collate
-from .data.tokenize import Example
-from .train.step import autocast, loss_sum, supports_packing
-
-
-@torch.no_grad()
-def eval_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, packing: bool,
-              device: torch.device, use_bf16: bool) -> dict[str, float]:
-    """Mean loss per trained token over ``examples`` (not a mean of batch means) and its perplexity."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    try:
-        # Sorted by length so padded batches waste little; the result does not depend on the order.
-        ordered = sorted(examples, key=len)
-        for s in range(0, len(ordered), batch_size):
-            batch = collate(ordered[s:s + batch_size], pad_id, packing)
-            with autocast(device, use_bf16):
-                loss, n = loss_sum(model, batch, device)
-            total += float(loss)
-            tokens += n
-    finally:
-        model.train(was_training)
-    mean = total / max(tokens, 1)
-    return {"eval_loss": mean, "eval_perplexity": math.exp(min(mean, 50.0)), "eval_tokens": tokens}
-
+from ..train.step import supports_packing
+from ..train.validate import eval_loss
 
 # ---------------------------------------------------------------------------------------------------------------
 # qlorakit eval RUN_DIR --dataset FILE [--mmlu FILE] [--generate N]: base and tuned model side by side.
@@ -57,7 +32,7 @@ def read_mmlu(path: Path) -> list[dict]:
     ``question``, ``choices`` (4 strings) and ``answer`` (a letter or an index)."""
     import csv
 
-    from .data.formats import DataError, _json_rows
+    from ..data.formats import DataError, _json_rows
 
     rows = []
     if path.suffix == ".csv":
@@ -81,8 +56,8 @@ def read_mmlu(path: Path) -> list[dict]:
 @torch.no_grad()
 def mmlu_accuracy(model, tokenizer, prompt_format: str, rows: list[dict]) -> float:
     """Share of questions whose answer letter is the most likely of A-D as the first token of the reply."""
-    from .data.formats import Message
-    from .data.tokenize import prompt_ids
+    from ..data.formats import Message
+    from ..data.tokenize import prompt_ids
 
     letter_ids = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in LETTERS]
     device = next(model.parameters()).device
@@ -100,11 +75,12 @@ def eval_main(argv: list[str]) -> int:
     import json
     import sys
 
-    from .chat import Sampling, generate_replies, load_run
-    from .data.formats import _json_rows, read_jsonl
-    from .data.tokenize import tokenize_all
-    from .errors import UserError
-    from .options import run_options
+    from ..generation import Sampling, generate_replies
+    from ..runs import load_run
+    from ..data.formats import _json_rows, read_jsonl
+    from ..data.tokenize import tokenize_all
+    from ..errors import UserError
+    from ..options import run_options
 
     usage = "usage: qlorakit eval RUN_DIR [--dataset FILE] [--mmlu FILE] [--generate N] [--output FILE.json]"
     run_dir, o = run_options(argv, {"dataset": "", "mmlu": "", "generate": "50", "output": ""}, usage)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "make_sample_data.py"
-TRAIN = "src/qlorakit/defaults/sample_airoboros.jsonl"
-HELDOUT = "src/qlorakit/defaults/heldout_closed_context.jsonl"
+TRAIN = "src/qlorakit/resources/sample_airoboros.jsonl"
+HELDOUT = "src/qlorakit/resources/heldout_closed_context.jsonl"
 SPREAD = "benchmarks/data/spread.jsonl"
 CC64 = "benchmarks/data/closed_context_64.jsonl"
 FILES = [TRAIN, HELDOUT, SPREAD, CC64]

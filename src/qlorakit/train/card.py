@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import shlex
-import sys
 from pathlib import Path
 
 import yaml
 
-from .config import FIELDS, TrainConfig
+from ..config import FIELDS, TrainConfig
 
 DEFAULT_DATA_NOTE = ("the sample airoboros-style dataset shipped with qlorakit: rows written by a seeded template "
                      "generator (scripts/make_sample_data.py) about invented entities, released with qlorakit under "

@@ -1,30 +1,15 @@
-"""Use the tuned model: merge (plain transformers), GGUF export, chat and generate in the training format."""
+"""Hand a run over: merged into its base (a plain transformers model) and exported as GGUF."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 
-import pytest
 import torch
 
-from conftest import airoboros_rows, write_jsonl
+from helpers import airoboros_rows
 from qlorakit.cli import main
 
 HELD_OUT = ("The committee met on a cold morning to review the harbor lanterns. Violet maple orbit quartz ember. "
             "Please repeat some words about the river stone and the cloud.")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tiny_llama, tmp_path_factory):
-    d = tmp_path_factory.mktemp("run")
-    data = write_jsonl(d / "d.jsonl", airoboros_rows(8))
-    out = d / "run"
-    assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
-                 "--max_steps", "6", "--learning_rate", "0.02", "--max_grad_norm", "1", "--save_strategy", "no",
-                 "--eval_strategy", "no", "--bf16", "false"]) == 0
-    return out
 
 
 def next_tokens(model, ids) -> torch.Tensor:
@@ -35,7 +20,7 @@ def next_tokens(model, ids) -> torch.Tensor:
 def test_merged_model_predicts_like_the_adapter(run_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlorakit.chat import load_run
+    from qlorakit.runs import load_run
 
     out = tmp_path / "merged"
     assert main(["merge", str(run_dir), "--output", str(out)]) == 0
@@ -96,48 +81,3 @@ def test_gguf_export_reads_back(run_dir, tmp_path):
     assert agree >= 0.97, agree
 
 
-def test_chat_over_stdin_keeps_history(run_dir):
-    proc = subprocess.run([sys.executable, "-m", "qlorakit", "chat", str(run_dir), "--max_new_tokens", "5"],
-                          input="hello there\nand again\n", capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert len([ln for ln in proc.stdout.splitlines() if ln.strip() or ln == ""]) >= 2
-
-
-def test_chat_prompt_is_the_training_format(run_dir):
-    from qlorakit.data.formats import Message
-    from qlorakit.data.templates import AIROBOROS_SYSTEM
-    from qlorakit.data.tokenize import prompt_ids
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(run_dir)
-    hist = [Message("user", "a"), Message("assistant", "b"), Message("user", "c")]
-    text = tok.decode(prompt_ids(hist, tok, "airoboros"))
-    assert text == f"{AIROBOROS_SYSTEM} USER: a ASSISTANT: b{tok.eos_token}USER: c ASSISTANT: "
-
-
-def test_generate_answers_jsonl(run_dir, tmp_path):
-    inp = write_jsonl(tmp_path / "p.jsonl", [{"instruction": "Say hi.", "id": 7},
-                                             {"messages": [{"role": "user", "content": "Name a river."}]}])
-    out = tmp_path / "a.jsonl"
-    assert main(["generate", str(run_dir), "--input", str(inp), "--output", str(out), "--max_new_tokens", "4"]) == 0
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert len(rows) == 2 and rows[0]["id"] == 7 and all(isinstance(r["generated"], str) for r in rows)
-
-
-def test_eval_reports_base_and_tuned(run_dir, tmp_path, capsys):
-    from qlorakit.evaluate import answer_scores
-
-    data = write_jsonl(tmp_path / "e.jsonl", airoboros_rows(4, seed=9))
-    mmlu = write_jsonl(tmp_path / "m.jsonl", [{"question": "2+2?", "choices": ["3", "4", "5", "6"], "answer": "B"},
-                                              {"question": "Sky?", "choices": ["red", "blue", "green", "x"],
-                                               "answer": 1}])
-    out = tmp_path / "r.json"
-    assert main(["eval", str(run_dir), "--dataset", str(data), "--mmlu", str(mmlu), "--generate", "2",
-                 "--output", str(out)]) == 0
-    res = json.loads(out.read_text())
-    for side in ("base", "tuned"):
-        assert {"eval_loss", "eval_perplexity", "exact_match", "contains", "mmlu_accuracy"} <= set(res[side])
-    assert res["tuned"]["eval_loss"] != res["base"]["eval_loss"]
-    assert "tuned" in capsys.readouterr().out
-    assert answer_scores(["The answer is 42."], ["42"]) == {"exact_match": 0.0, "contains": 1.0}
-    assert answer_scores(["42."], ["42"]) == {"exact_match": 1.0, "contains": 1.0}

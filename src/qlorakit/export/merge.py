@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .options import run_files, run_options
+from ..errors import UserError
+from ..model.load import load_base_for_run, load_tokenizer
+from ..options import run_options
+from ..runs import run_files, stop_token_ids
 
 MERGE_BASES = ("dequantized", "original")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,10 +47,7 @@ def _dequantized_linear_weights(base_path: str, cfg) -> dict[str, torch.Tensor]:
     """Module name -> the dequantized weight of every quantized linear layer, as the run saw it in training."""
     import bitsandbytes as bnb
 
-    from .model.load import load_base_model
-
-    q = load_base_model(base_path, bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                        bf16=cfg.use_bf16(), trust_remote_code=cfg.trust_remote_code, device=torch.device("cpu"))
+    q = load_base_for_run(base_path, cfg, torch.device("cpu"))
     out = {}
     for name, mod in q.named_modules():
         if isinstance(mod, bnb.nn.Linear4bit):
@@ -64,9 +63,8 @@ def merged_model(run_dir: Path, base: str = "dequantized", dtype: str | None = N
     """(merged transformers model, tokenizer, run config): the adapter folded into the base weights."""
     from transformers import AutoModelForCausalLM
 
-    from .config import load_run_config
-    from .data.templates import chat_template
-    from .model.load import load_tokenizer
+    from ..config import load_run_config
+    from ..data.templates import chat_template
 
     if base not in MERGE_BASES:
         raise UserError(f"--base: {base!r} is not one of {', '.join(MERGE_BASES)}")
@@ -97,8 +95,6 @@ def merged_model(run_dir: Path, base: str = "dequantized", dtype: str | None = N
 
 
 def save_merged(model, tokenizer, cfg, out: Path, run_dir: Path, base: str) -> Path:
-    from .chat import stop_token_ids
-
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, cfg.prompt_format)
@@ -139,7 +135,7 @@ def export_main(argv: list[str]) -> int:
         return merge_main([str(run_dir), "--output", o["output"], "--base", o["base"]])
     if o["format"] != "gguf":
         raise UserError(f"--format: {o['format']!r} is not gguf or safetensors")
-    from .gguf_export import export_gguf
+    from .gguf import export_gguf
 
     model, tok, cfg = merged_model(run_dir, o["base"], "fp32")
     with tempfile.TemporaryDirectory() as tmp:

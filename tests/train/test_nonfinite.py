@@ -8,7 +8,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from conftest import airoboros_rows, write_jsonl
+from helpers import airoboros_rows, write_jsonl
 from qlorakit.cli import main
 from qlorakit.train import checkpoint as ckpt
 from qlorakit.train import loop

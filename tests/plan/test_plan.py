@@ -1,7 +1,7 @@
 """qlorakit plan: the memory planner against the QLoRA paper, transformers' own parameter counts, and bytes
 measured on tiny 4-bit LLaMA and MPT models on this CPU.
 
-``python tests/test_plan.py`` prints the measured-vs-estimated table (``measured_vs_estimated``).
+``python tests/plan/test_plan.py`` prints the measured-vs-estimated table (``measured_vs_estimated``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlorakit.plan import (GIB, SHIPPED_MODELS, architecture, checkpointed_activation_bytes, estimate_memory,
-                           format_plan, load_model_config, nf4_linear_bytes, parameter_count, plan_main)
+from qlorakit.model.memory import (GIB, architecture, checkpointed_activation_bytes, nf4_linear_bytes,
+                                   parameter_count)
+from qlorakit.plan.command import SHIPPED_MODELS, load_model_config, plan_main
+from qlorakit.plan.estimate import estimate_memory, format_plan
 
 # QLoRA paper (arXiv:2305.14314), Figure 6: the 65B model bar, quoted in bitsandbytes#790 and artidoro/qlora#269.
 PAPER_65B_MODEL_MB = 37_074

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import airoboros_rows, write_jsonl
+from helpers import airoboros_rows, write_jsonl
 from qlorakit.cli import main
 
 FAST = ["--max_steps", "10", "--learning_rate", "0.01", "--per_device_train_batch_size", "4",

@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from conftest import airoboros_rows, write_jsonl
-from test_accumulation import SGD_ONE_STEP, lora_b, rel_diff
+from helpers import airoboros_rows, write_jsonl
+from helpers import SGD_ONE_STEP, lora_b, rel_diff
 from qlorakit.cli import main
 from qlorakit.data.batching import collate, epoch_order, plan_steps
 from qlorakit.train.distributed import shard_step

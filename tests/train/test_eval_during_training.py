@@ -9,7 +9,7 @@ import math
 
 from safetensors.torch import load_file
 
-from conftest import airoboros_rows, write_jsonl
+from helpers import airoboros_rows, write_jsonl
 from qlorakit.cli import main
 from qlorakit.train import loop
 

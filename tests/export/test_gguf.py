@@ -1,4 +1,4 @@
-"""Tests for qlorakit.gguf_export: a GGUF written in pure Python must read back as the same model.
+"""Tests for qlorakit.export.gguf: a GGUF written in pure Python must read back as the same model.
 
 The round trips go through transformers' own GGUF loader (the one in ``from_pretrained(gguf_file=...)``),
 which undoes llama.cpp's Q/K permutation and rebuilds the tokenizer from ``tokenizer.ggml.*``; the
@@ -32,7 +32,7 @@ from transformers import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils.quantization_config import GgufConfig
 
-from qlorakit.gguf_export import export_gguf
+from qlorakit.export.gguf import export_gguf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -1,0 +1,1 @@
+"""Using a tuned run: chat and generate (the library part is ``generation``)."""

@@ -1,0 +1,1 @@
+"""The memory planner command: ``qlorakit plan``."""

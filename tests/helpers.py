@@ -1,0 +1,89 @@
+"""Helpers the tests share: tiny random models built in-process, data rows, and readers of a run's files. Test files
+import from here, never from each other."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# Two SGD steps' worth of settings under which one update is exact arithmetic: plain SGD, no dropout, no clipping,
+# float32, constant learning rate. Tests compare batch layouts and process counts under them.
+SGD_ONE_STEP = ["--optim", "sgd", "--max_steps", "1", "--lora_dropout", "0", "--bf16", "false",
+                "--max_grad_norm", "0", "--learning_rate", "0.5", "--save_strategy", "no", "--eval_strategy", "no",
+                "--warmup_ratio", "0"]
+
+
+def _save_tiny(model, tokenizer_dir: Path, out: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def make_tiny_llama(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True,
+                      initializer_range=0.2)  # big enough embeddings that LoRA can move the logits
+    return _save_tiny(LlamaForCausalLM(cfg), tokenizer_dir, out)
+
+
+def make_tiny_mpt(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    from transformers import AutoTokenizer, MptConfig, MptForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = MptConfig(vocab_size=len(tok), d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=1024,
+                    initializer_range=0.2)
+    return _save_tiny(MptForCausalLM(cfg), tokenizer_dir, out)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def airoboros_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows whose responses differ a lot in length (from one word to many sentences)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta river stone cloud maple orbit quartz violet ember lantern harbor".split()
+    rows = []
+    for i in range(n):
+        q = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+        k = [1, 40][i % 2] * rng.randint(1, 2)
+        a = " ".join(rng.choice(words) for _ in range(k))
+        rows.append({"instruction": f"Repeat some words about {q}.", "response": a})
+    return rows
+
+
+def read_metrics(run_dir: Path, key: str | None = None) -> list[dict]:
+    """The rows of a run's metrics.jsonl, in order; with ``key``, only the rows that have it."""
+    rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x]
+    return [r for r in rows if key is None or key in r]
+
+
+def adapter_weights(run_dir: Path, only_b: bool = False) -> dict:
+    """The adapter tensors of a run (or a checkpoint), or only its lora_B ones."""
+    w = load_file(Path(run_dir) / "adapter_model.safetensors")
+    return {k: v for k, v in w.items() if "lora_B" in k or not only_b}
+
+
+def lora_b(run_dir) -> dict:
+    return adapter_weights(run_dir, only_b=True)
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    """Relative L2 distance of two tensor dicts with the same keys (b against a)."""
+    num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
+    den = sum(float(a[k].float().norm() ** 2) for k in a) ** 0.5
+    return num / den
