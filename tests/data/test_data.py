@@ -77,6 +77,22 @@ def test_not_utf8_empty_and_missing(tmp_path):
         read_jsonl(tmp_path / "nope.jsonl")
 
 
+def test_utf8_bom_at_the_start_is_not_a_row_error(tmp_path):
+    """Windows editors write a byte-order mark first: the file reads as without it; one inside a line is still bad."""
+    rows = '{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": "d"}\n'
+    plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text(rows, encoding="utf-8")
+    bom.write_text(rows, encoding="utf-8-sig")
+    assert bom.read_bytes().startswith(b"\xef\xbb\xbf")
+    got, want = read_jsonl(bom), read_jsonl(plain)
+    assert [c.messages for c in got] == [c.messages for c in want]
+    assert [c.source.rsplit(":", 1)[1] for c in got] == ["1", "2"]
+    mid = tmp_path / "mid.jsonl"
+    mid.write_bytes(b'{"instruction": "a", "response": "b"}\n\xef\xbb\xbf{"instruction": "c", "response": "d"}\n')
+    with pytest.raises(DataError, match=r"mid.jsonl:2: invalid JSON"):
+        read_jsonl(mid)
+
+
 def test_train_cli_bad_data_is_one_line(tmp_path, capsys):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a"}\n')

@@ -164,7 +164,10 @@ def _json_rows(path: Path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    for lineno, line in enumerate(path.read_bytes().split(b"\n"), start=1):
+    data = path.read_bytes()
+    # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first row.
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    for lineno, line in enumerate(data.split(b"\n"), start=1):
         where = f"{path}:{lineno}"
         try:
             text = line.decode("utf-8")
