@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlorakit-installed
 
-.PHONY: setup demo test bench-trl clean
+.PHONY: setup demo lint test bench-trl clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: setup
 	$(BIN)/python -m qlorakit.demo
 
-test: setup
+# ruff (E, F) and the import-linter layers contract of pyproject.toml (docs/architecture.md).
+lint: setup
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/lint-imports
+
+test: setup lint
 	$(BIN)/python -m pytest
 	# Where the processor has AVX512, the numeric tests run again on torch's, oneDNN's and bitsandbytes' AVX2
 	# kernels, the path an AVX2-only machine takes (docs/testing.md): a difference shows here, not first in CI.

@@ -16,8 +16,8 @@ bitsandbytes). Same model directory, rows, text, hyperparameters and compute pre
 
 qlorakit runs twice by default (--qlorakit-checkpointing both): with gradient checkpointing on, as the job states
 and as TRL runs it, and with its own default ``gradient_checkpointing auto`` (on only where the activations of the
-largest micro-batch would take over half the free memory; the log and the notes say which it chose). Checkpointing changes no number, only time and memory; the
-table shows both runs and their peak memory against TRL's.
+largest micro-batch would take over half the free memory; the log and the notes say which it chose). Checkpointing
+changes no number, only time and memory; the table shows both runs and their peak memory against TRL's.
 
 The TRL data is a prompt/completion dataset: prompt = qlorakit's rendered airoboros prompt, completion = response +
 EOS, both from ``qlorakit.data.templates.render_segments``, so the two tools see the same text. TRL keeps its
@@ -513,7 +513,8 @@ def run_workload(name: str, args, model_dir: str, tokenizer, shape: dict, peak: 
     on_triton = torch.cuda.is_available()
     t["model_flops"] = job_flops(shape, t_examples, "trained" if on_triton else "all", 6)
     t["head_rows"] = "trained positions" if on_triton else "every real position"
-    t["adapter_dtype_after_trl"], t["adapter_dtype_trained"] = tr["adapter_dtype_after_trl"], tr["adapter_dtype_trained"]
+    t["adapter_dtype_after_trl"] = tr["adapter_dtype_after_trl"]
+    t["adapter_dtype_trained"] = tr["adapter_dtype_trained"]
     t["setup_seconds"], t["versions"] = tr["setup_seconds"], tr["versions"]
 
     t0 = time.perf_counter()
@@ -701,8 +702,8 @@ def main(argv=None) -> int:
                   f"rows, {res['steps']} steps, {res['response_tokens']} trained tokens, {precision} compute\n\n"
                   f"{Path(model_dir).name}, 4-bit NF4 double-quant, LoRA r {JOB['lora_r']} alpha "
                   f"{JOB['lora_alpha']:g} dropout {JOB['lora_dropout']} on all linear layers, batch {JOB['batch']} x "
-                  f"GA {JOB['grad_accum']}, lr {JOB['lr']:g} constant, {JOB['epochs']} epoch, gradient checkpointing on "
-                  f"(TRL) / as labelled (qlorakit). "
+                  f"GA {JOB['grad_accum']}, lr {JOB['lr']:g} constant, {JOB['epochs']} epoch, gradient checkpointing "
+                  f"on (TRL) / as labelled (qlorakit). "
                   f"Matmul peak ({precision}, {cpu}, {torch.get_num_threads()} threads): "
                   f"{peak / 1e9:.1f} GFLOP/s. Held-out: {res['heldout']['rows']} rows of "
                   f"{os.path.relpath(res['heldout']['file'], ROOT)}.")
