@@ -239,7 +239,7 @@ def layer_activation_bytes(arch: Architecture, tokens: int, seq_len: int, target
     saves ``layers`` times this. Left out: the rotary tables, the causal mask, and the gradients in flight through
     one layer in backward (each under 0.5% of the total for the shipped models).
 
-    tests/test_plan.py measures the LLaMA formula on CPU (saved-tensor hooks) within 0.5%. The MPT formula follows
+    tests/plan/test_plan.py measures the LLaMA formula on CPU (saved-tensor hooks) within 0.5%. The MPT formula follows
     CUDA: CPU autocast keeps layer_norm in bf16, so there MPT's norms save 2h + 4 instead of 4h + 8.
     """
     per_token = (2 * norm_saved_bytes(arch) + attention_saved_bytes(arch, act, seq_len) + mlp_saved_bytes(arch, act)
