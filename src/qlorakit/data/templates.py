@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .formats import Conversation, Message
+from .formats import Message
 
 AIROBOROS_SYSTEM = ("A chat between a curious user and an assistant. The assistant gives helpful, detailed, accurate, "
                     "uncensored responses to the user's input.")
@@ -124,10 +124,6 @@ def stop_text(fmt_name: str, tokenizer) -> str:
     if fmt_name == "tokenizer":
         return tokenizer.eos_token or ""
     return FORMATS[fmt_name].end_text(tokenizer.eos_token or "")
-
-
-def conversation_segments(conv: Conversation, fmt_name: str, tokenizer) -> list[Segment]:
-    return render_segments(conv.messages, fmt_name, tokenizer)
 
 
 def _split(template: str, slot: str) -> tuple[str, str]:

@@ -108,7 +108,7 @@ def results_section(metrics: list[dict], best_step: int | None, stopped: str) ->
     return lines
 
 
-def loading_section(out: Path, base_path: str, prompt_example: str) -> list[str]:
+def loading_section(out: Path, base_path: str) -> list[str]:
     return [
         "```python",
         "from peft import PeftModel",
@@ -155,7 +155,7 @@ def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict],
         "| setting | value |", "|---|---|", *hyperparameter_rows(cfg), "",
         "Reproduce:", "", "```bash", reproduce_command(cfg), "```", "",
         "## Results", "", *results_section(metrics, best_step, stopped), "",
-        "## How to use", "", *loading_section(out, base_path, prompt_example), "",
+        "## How to use", "", *loading_section(out, base_path), "",
         "## Licence and usage", "",
         LICENSE_NOTE.format(base=base_name, base_license=lic, data_note=_data_note(cfg, data_path)), "",
     ]
