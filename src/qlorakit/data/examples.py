@@ -66,6 +66,18 @@ class ExampleStore:
     def example(self, p: int) -> Example:
         return Example(self._ids.row(p), self._labels.row(p), self.where(p))
 
+    def usable(self, pos: np.ndarray) -> np.ndarray:
+        """The positions among ``pos`` that training uses (kept whole or truncated)."""
+        return pos[self.status[pos] <= 1]
+
+    def policy_counts(self, pos: np.ndarray, max_len: int) -> dict[str, tuple[int, list[str]]]:
+        """For each change of the length policy, how many of the rows at ``pos`` it made and the first three.
+        A row cut to ``max_len`` and then dropped for having no trained token left counts under both."""
+        status = self.status[pos]
+        masks = {"truncated": (self.full_length[pos] > max_len) & (status != 2), "dropped_too_long": status == 2,
+                 "dropped_no_trained_tokens": status == 3}
+        return {k: (int(m.sum()), [self.where(int(p)) for p in pos[m][:3]]) for k, m in masks.items()}
+
 
 class ExampleSequence(Sequence):
     """Examples at ``positions`` of a store, in that order; indexable like the list the training loop used."""

@@ -166,15 +166,11 @@ def prepare_data(opts: DataOptions, tokenizer, *, mode: str = "build") -> Prepar
     return _finish(store, everything, uses, train_pos, eval_pos, opts)
 
 
-def _usable(store: ExampleStore, pos: np.ndarray) -> np.ndarray:
-    return pos[store.status[pos] <= STATUSES.index("truncated")]
-
-
 def _finish(store, everything: list[Loaded], uses, train_pos, eval_pos, opts: DataOptions) -> PreparedData:
     n_train = len(train_pos)
     train_all, eval_all = np.concatenate(train_pos), np.concatenate(eval_pos) if eval_pos else np.zeros(0, int)
-    train = ExampleSequence(store, _usable(store, train_all))
-    evals = ExampleSequence(store, _usable(store, eval_all))
+    train = ExampleSequence(store, store.usable(train_all))
+    evals = ExampleSequence(store, store.usable(eval_all))
     if not len(train):
         raise UserError("no training example left after applying model_max_len; raise model_max_len or "
                         "check the data with 'qlorakit data check'")
@@ -186,8 +182,8 @@ def _finish(store, everything: list[Loaded], uses, train_pos, eval_pos, opts: Da
         summaries.append(SourceSummary(
             x.spec.describe(), x.meta["kind"], "+".join(sorted(set(x.meta["layouts"]))),
             "train" if i < n_train else "eval", int((store.status[store.source == i] != BLANK).sum()),
-            len(use.pool), x.spec.weight, x.spec.max_rows, len(_usable(store, mine)), len(_usable(store, theirs)),
-            int((store.status[both] == STATUSES.index("truncated")).sum()),
+            len(use.pool), x.spec.weight, x.spec.max_rows, len(store.usable(mine)), len(store.usable(theirs)),
+            store.policy_counts(both, opts.model_max_len)["truncated"][0],
             int((store.status[both] >= STATUSES.index("dropped_too_long")).sum()), x.state, str(x.folder), x.sha256))
     lines = report_lines(store, everything, summaries, train_all, eval_all, opts)
     blob = json.dumps([[str(x.folder.name) for x in everything], [s.selection() for s in summaries], opts.seed,
@@ -195,12 +191,8 @@ def _finish(store, everything: list[Loaded], uses, train_pos, eval_pos, opts: Da
     return PreparedData(train, evals, lines, summaries, hashlib.sha256(blob.encode()).hexdigest()[:32])
 
 
-def _policy(store: ExampleStore, pos: np.ndarray) -> list[str]:
-    changed = {}
-    for code, status in enumerate(STATUSES[1:], start=1):
-        hit = pos[store.status[pos] == code]
-        changed[status] = (len(hit), [store.where(int(p)) for p in hit[:3]])
-    return policy_lines(len(_usable(store, pos)), changed)
+def _policy(store: ExampleStore, pos: np.ndarray, max_len: int) -> list[str]:
+    return policy_lines(len(store.usable(pos)), store.policy_counts(pos, max_len))
 
 
 def report_lines(store, everything: list[Loaded], summaries: list[SourceSummary], train_all, eval_all,
@@ -216,9 +208,9 @@ def report_lines(store, everything: list[Loaded], summaries: list[SourceSummary]
         lines.append(f"eval: {len(eval_all)} of {pool} rows held out (seed {opts.seed})")
     else:
         lines.append("eval: none (set eval_dataset_size or eval_dataset)")
-    lines += [f"train: {x}" for x in _policy(store, train_all)]
+    lines += [f"train: {x}" for x in _policy(store, train_all, opts.model_max_len)]
     if len(eval_all):
-        lines += [f"eval: {x}" for x in _policy(store, eval_all)]
+        lines += [f"eval: {x}" for x in _policy(store, eval_all, opts.model_max_len)]
     if len(summaries) > 1 or any(s.weight or s.max_rows for s in summaries):
         lines += [s.line() for s in summaries]
     for x in everything:

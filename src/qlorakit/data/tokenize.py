@@ -110,7 +110,8 @@ def tokenize_many(convs: list[Conversation], tokenizer, prompt_format: str,
 
 
 def apply_length_policy(ex: Example, max_len: int, truncation: str = "truncate") -> tuple[Example | None, str]:
-    """The example as training sees it (None when dropped) and its status, one of STATUSES."""
+    """The example as training sees it (None when dropped) and its status, one of STATUSES. A truncated example
+    left with no trained token is dropped (and counted as truncated too: its full length says so)."""
     status = "kept"
     if len(ex) > max_len:
         if truncation == "drop":
@@ -129,8 +130,10 @@ def tokenize_all(convs: list[Conversation], tokenizer, prompt_format: str, max_l
     changed = {"truncated": report.truncated, "dropped_too_long": report.dropped_too_long,
                "dropped_no_trained_tokens": report.dropped_no_trained_tokens}
     for conv in convs:
-        ex, status = apply_length_policy(tokenize_conversation(conv, tokenizer, prompt_format, train_on_source),
-                                         max_len, truncation)
+        full = tokenize_conversation(conv, tokenizer, prompt_format, train_on_source)
+        ex, status = apply_length_policy(full, max_len, truncation)
+        if status == "dropped_no_trained_tokens" and len(full) > max_len:
+            changed["truncated"].append(conv.source)
         if status != "kept":
             changed[status].append(conv.source)
         if ex is not None:
