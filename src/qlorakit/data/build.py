@@ -26,7 +26,7 @@ class Recipe:
     """Everything that decides the examples of a row, besides the row itself (all of it is in the cache key)."""
 
     layout: str  # airoboros, alpaca, messages
-    fields: Fields
+    fields: Fields  # the source's column mapping (messages say "field" for JSON rows, "column" for tables)
     prompt_format: str
     model_max_len: int
     truncation: str
@@ -103,7 +103,8 @@ def _conversation(batch: dict, k: int, index: int, part: Part, recipe: Recipe) -
     else:
         where = f"{part.label}:row {index + 1}"
         row = _without_nulls({c: batch[c][k] for c in batch})
-    return PARSERS[recipe.layout](row, where, recipe.fields)
+    fields = recipe.fields if part.jsonl else Fields(recipe.fields.names, "column")
+    return PARSERS[recipe.layout](row, where, fields)
 
 
 def convert_batch(batch: dict, indices: list[int], *, part: Part, recipe: Recipe, tokenizer) -> dict:

@@ -123,11 +123,11 @@ def load_source(spec: SourceSpec, opts: DataOptions, tokenizer, tok_fp: str, mod
     import pyarrow as pa
 
     content, sha = content_fingerprint(spec)
-    recipe = Recipe(spec.layout, Fields(spec.columns, "column"), opts.prompt_format, opts.model_max_len,
+    recipe = Recipe(spec.layout, Fields(spec.columns), opts.prompt_format, opts.model_max_len,
                     opts.truncation, opts.train_on_source)
-    key = cache_key(content=content, format=spec.layout, columns=spec.columns, tokenizer=tok_fp,
-                    prompt_format=opts.prompt_format, model_max_len=opts.model_max_len, truncation=opts.truncation,
-                    train_on_source=opts.train_on_source)
+    key = cache_key(content=content, split=spec.split, subset=spec.subset, format=spec.layout, columns=spec.columns,
+                    tokenizer=tok_fp, prompt_format=opts.prompt_format, model_max_len=opts.model_max_len,
+                    truncation=opts.truncation, train_on_source=opts.train_on_source)
     folder, meta, state = cached(opts.cache_root(), key, lambda tmp: _build_source(spec, recipe, tokenizer,
                                                                                    opts.num_proc, tmp), mode)
     tables = [pa.ipc.open_stream(pa.memory_map(str(folder / f))).read_all()
