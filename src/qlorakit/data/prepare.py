@@ -118,7 +118,8 @@ def _labels(spec: SourceSpec, count: int) -> list[str]:
     return [str(f) for f in data_files(spec)]
 
 
-def load_source(spec: SourceSpec, opts: DataOptions, tokenizer, tok_fp: str, mode: str) -> Loaded:
+def load_source(spec: SourceSpec, opts: DataOptions, tokenizer, tok_fp: str, mode: str,
+                wait_timeout_s: float = 3600.0) -> Loaded:
     """The source's examples from the cache, built first where they are not there yet (``mode="build"``)."""
     import pyarrow as pa
 
@@ -129,7 +130,8 @@ def load_source(spec: SourceSpec, opts: DataOptions, tokenizer, tok_fp: str, mod
                     tokenizer=tok_fp, prompt_format=opts.prompt_format, model_max_len=opts.model_max_len,
                     truncation=opts.truncation, train_on_source=opts.train_on_source)
     folder, meta, state = cached(opts.cache_root(), key, lambda tmp: _build_source(spec, recipe, tokenizer,
-                                                                                   opts.num_proc, tmp), mode)
+                                                                                   opts.num_proc, tmp),
+                                 mode, wait_timeout_s)
     tables = [pa.ipc.open_stream(pa.memory_map(str(folder / f))).read_all()
               for info in meta["parts"] for f in info["files"]]
     labels = _labels(spec, len(meta["parts"]))
@@ -138,15 +140,15 @@ def load_source(spec: SourceSpec, opts: DataOptions, tokenizer, tok_fp: str, mod
     return Loaded(spec, table, parts, [info["rows"] for info in meta["parts"]], meta, state, folder, sha)
 
 
-def prepare_data(opts: DataOptions, tokenizer, *, mode: str = "build") -> PreparedData:
+def prepare_data(opts: DataOptions, tokenizer, *, mode: str = "build", wait_timeout_s: float = 3600.0) -> PreparedData:
     """Train and eval examples of ``opts`` and the lines that account for every row.
 
-    ``mode="build"`` tokenizes what the cache lacks (one process: rank 0); ``mode="wait"`` waits for the cache
-    that process builds, then loads it (the other ranks of a torchrun job, after the caller's barrier).
+    ``mode="build"`` tokenizes what the cache lacks (one process: rank 0); ``mode="wait"`` waits up to
+    ``wait_timeout_s`` for the cache another process builds, then loads it (the other ranks of a torchrun job).
     """
     tok_fp = tokenizer_fingerprint(tokenizer)
-    train_src = [load_source(s, opts, tokenizer, tok_fp, mode) for s in opts.sources]
-    eval_src = [load_source(s, opts, tokenizer, tok_fp, mode) for s in opts.eval_sources]
+    train_src = [load_source(s, opts, tokenizer, tok_fp, mode, wait_timeout_s) for s in opts.sources]
+    eval_src = [load_source(s, opts, tokenizer, tok_fp, mode, wait_timeout_s) for s in opts.eval_sources]
     everything = train_src + eval_src
     store = ExampleStore([x.table for x in everything], [x.parts for x in everything],
                          [x.part_rows for x in everything])
