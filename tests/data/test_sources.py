@@ -167,3 +167,40 @@ def test_unknown_files_and_options_are_one_line_errors(tmp_path, tokenizer):
                          ("a.jsonl:format=orca", "'orca' is not one of")]:
         with pytest.raises(DataError, match=message):
             prepare_data(opts(arg), tokenizer)
+
+
+def _cached_hub_dataset(cache_dir, repo_id: str, rows: list[dict], tmp_path):
+    """What ``datasets.load_dataset(repo_id)`` leaves in its cache after a download, made from a local parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    src = tmp_path / "hub.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src)
+    namespace, name = repo_id.split("/")
+    builder = Parquet(cache_dir=str(cache_dir), dataset_name=f"{namespace}___{name}", data_files={"train": str(src)},
+                      config_name="default", config_id="default", hash="0123abcd")
+    builder.download_and_prepare()
+    folder = next(cache_dir.glob(f"{namespace}___{name}/default/*/0123abcd"))
+    (folder / f"{namespace}___{name}-train.arrow").rename(folder / f"{name}-train.arrow")
+
+
+def test_a_hub_id_is_served_from_the_local_cache_and_ends_in_one_line_when_absent(tmp_path, tokenizer, monkeypatch,
+                                                                               capsys, tiny_llama):
+    import datasets
+
+    assert datasets.config.HF_HUB_OFFLINE  # tests never reach the network (conftest sets HF_HUB_OFFLINE=1)
+    hf_cache = tmp_path / "hf-datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_cache)
+    rows = airoboros_rows(5)
+    _cached_hub_dataset(hf_cache, "someone/tiny-airoboros", rows, tmp_path)
+    local = prepare_data(opts(str(write_jsonl(tmp_path / "l.jsonl", rows))), tokenizer)
+    hub = prepare_data(opts("someone/tiny-airoboros:split=train"), tokenizer)
+    assert tokens(hub.train) == tokens(local.train)
+    assert hub.train[0].source == "someone/tiny-airoboros:row 1" and hub.sources[0].kind == "hub"
+    capsys.readouterr()
+    assert main(["data", "check", "someone/absent", "--model_name_or_path", str(tiny_llama)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "someone/absent: not in the local Hugging Face datasets cache" in err
+    with pytest.raises(DataError, match="someone/tiny-airoboros: Unknown split \"test\""):
+        prepare_data(opts("someone/tiny-airoboros:split=test"), tokenizer)
