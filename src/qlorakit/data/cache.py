@@ -36,9 +36,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        state = json.loads(backend.to_str())
-        state.pop("truncation", None), state.pop("padding", None)  # call settings, not what the tokenizer is
-        h.update(json.dumps(state, sort_keys=True).encode())
+        if backend.truncation is not None or backend.padding is not None:  # call settings, not the tokenizer
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation(), backend.no_padding()
+        h.update(backend.to_str().encode())
     else:  # a tokenizer without a Rust backend: its pickled state
         from datasets.fingerprint import Hasher
 
