@@ -69,3 +69,26 @@ def test_data_check_marks_every_reply_of_a_conversation(tiny_llama, tmp_path, ca
     assert re.findall("«(.*?)»", example, flags=re.S) == ["A one<|im_end|>", "A two<|im_end|>"]
     assert example.count("«") == example.count("»") == 2
     assert "Q one" in example and "Be brief." in example
+
+
+def test_data_check_on_a_parquet_file_and_on_a_mixture(tiny_llama, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpers import airoboros_rows
+
+    rows = airoboros_rows(6)
+    jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
+    table = tmp_path / "b.parquet"
+    pq.write_table(pa.Table.from_pylist([{"instruction": r["instruction"], "input": "", "output": r["response"]}
+                                         for r in rows[:4]]), table)
+    one = check(capsys, jsonl, tiny_llama)
+    out = check(capsys, table, tiny_llama)
+    assert f"file: {table}\nrows: 4\n" in out and "after the length policy: 4 examples kept" in out
+    assert f"example ({table}:row 1), trained spans" in out
+    mixed = check(capsys, f"{jsonl}:0.5,{table}:format=alpaca:max_rows=2", tiny_llama)
+    blocks = mixed.split("\n\n")
+    assert blocks[0] == one.split("\n\n")[0]  # each source's block, as if checked alone
+    assert blocks[1].startswith(f"file: {table}\nrows: 4\n")
+    assert f"mixture: {jsonl} (airoboros): 3 of 6 rows, weight 0.5 -> 3 train, 0 eval examples" in mixed
+    assert f"mixture: {table} (alpaca): 2 of 4 rows, max_rows 2 -> 2 train, 0 eval examples" in mixed

@@ -1,20 +1,28 @@
-"""``qlorakit data check``: what the model will see, before anyone spends GPU hours."""
+"""``qlorakit data check``: what the model will see, before anyone spends GPU hours.
+
+Works on every kind of source and on a mixture: each source gets its block (rows, token lengths, rows over the
+limit, what the length policy did, the trained share), a mixture adds the rows each source gives the run, and one
+example is shown with its trained spans marked. The examples it tokenizes are the cache the next run loads.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+
+import numpy as np
 
 from ..config import TrainConfig
-from .formats import read_jsonl
-from .tokenize import IGNORE, tokenize_all, tokenize_conversation
+from .build import BLANK
+from .examples import ExampleStore
+from .prepare import DataOptions, load_source, prepare_data
+from .tokenize import IGNORE, policy_lines
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
-    if not sorted_values:
+    if not len(sorted_values):
         return 0
     k = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
+    return int(sorted_values[k])
 
 
 def marked_example(ex, tokenizer) -> str:
@@ -31,29 +39,52 @@ def marked_example(ex, tokenizer) -> str:
     return "".join(out)
 
 
-def check_file(cfg: TrainConfig, tokenizer_for: Callable[[TrainConfig], object]) -> str:
-    """The report of ``qlorakit data check``; ``tokenizer_for(cfg)`` loads the tokenizer once the rows are valid."""
-    convs = read_jsonl(Path(cfg.dataset), cfg.dataset_format)  # bad data is reported before any model loads
-    tokenizer = tokenizer_for(cfg)
-    full = [tokenize_conversation(c, tokenizer, cfg.prompt_format, cfg.train_on_source) for c in convs]
-    lengths = sorted(len(e) for e in full)
-    over = [e.source for e in full if len(e) > cfg.model_max_len]
-    kept, report = tokenize_all(convs, tokenizer, cfg.prompt_format, cfg.model_max_len, cfg.truncation,
-                                cfg.train_on_source)
-    trained = sum(e.n_trained for e in kept)
-    total = sum(len(e) for e in kept)
+def source_block(store: ExampleStore, source: int, name: str, opts: DataOptions) -> list[str]:
+    """The report of one source: every row of it, before any mixture weight."""
+    pos = np.flatnonzero((store.source == source) & (store.status != BLANK))
+    lengths = np.sort(store.full_length[pos])
+    over = pos[store.full_length[pos] > opts.model_max_len]
+    usable = store.usable(pos)
+    changed = store.policy_counts(pos, opts.model_max_len)
+    trained, total = int(store.trained[usable].sum()), int(store.length[usable].sum())
     pct = " ".join(f"p{q}={percentile(lengths, q)}" for q in (0, 50, 90, 99, 100))
-    lines = [
-        f"file: {cfg.dataset}",
-        f"rows: {len(convs)}",
-        f"prompt format: {cfg.prompt_format}",
-        f"tokens per row: {pct} (mean {sum(lengths) / len(lengths):.0f})",
-        f"rows over model_max_len {cfg.model_max_len}: {len(over)}"
-        + (f" (policy '{cfg.truncation}'; e.g. {', '.join(over[:3])})" if over else ""),
-        *[f"after the length policy: {x}" for x in report.lines()],
+    return [
+        f"file: {name}",
+        f"rows: {len(pos)}",
+        f"prompt format: {opts.prompt_format}",
+        f"tokens per row: {pct} (mean {lengths.mean() if len(lengths) else 0:.0f})",
+        f"rows over model_max_len {opts.model_max_len}: {len(over)}"
+        + (f" (policy '{opts.truncation}'; e.g. {', '.join(store.where(int(p)) for p in over[:3])})"
+           if len(over) else ""),
+        *[f"after the length policy: {x}" for x in policy_lines(len(usable), changed)],
         f"trained tokens: {trained} of {total} ({100 * trained / max(total, 1):.1f}%)",
-        "",
-        f"example ({full[0].source}), trained spans between « and »:",
-        marked_example(full[0], tokenizer),
     ]
+
+
+def check_data(opts: DataOptions, tokenizer) -> str:
+    """The report of ``qlorakit data check`` for every source of ``opts``; a mixture adds its summary lines."""
+    specs = list(opts.sources) + list(opts.eval_sources)
+    from .cache import tokenizer_fingerprint
+
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    loaded = [load_source(s, opts, tokenizer, tok_fp, "build") for s in specs]
+    store = ExampleStore([x.table for x in loaded], [x.parts for x in loaded], [x.part_rows for x in loaded])
+    lines: list[str] = []
+    for i, spec in enumerate(specs):
+        lines += ([""] if lines else []) + source_block(store, i, spec.describe(), opts)
+    if len(specs) > 1 or any(s.weight or s.max_rows for s in specs):
+        data = prepare_data(opts, tokenizer)  # the sources are cached now: this only draws the mixture
+        lines += [""] + [x for x in data.lines if x.startswith(("mixture:", "eval:"))]
+    first = store.usable(np.arange(len(store)))
+    if len(first):
+        ex = store.example(int(first[0]))
+        lines += ["", f"example ({ex.source}), trained spans between « and »:", marked_example(ex, tokenizer)]
     return "\n".join(lines)
+
+
+def check_file(cfg: TrainConfig, tokenizer_for: Callable[[TrainConfig], object]) -> str:
+    """``check_data`` for a TrainConfig: its dataset (one source, or a mixture in the compact syntax)."""
+    opts = DataOptions.from_config(cfg)
+    for spec in list(opts.sources) + list(opts.eval_sources):
+        spec.kind()  # a missing file is reported before the tokenizer loads
+    return check_data(opts, tokenizer_for(cfg))

@@ -30,7 +30,26 @@ class Conversation:
 
 
 FORMATS = ("airoboros", "alpaca", "messages")
+ALIASES = {"sharegpt": "messages"}  # ShareGPT's conversations/from/value rows are read by the messages parser
 ROLES = ("system", "user", "assistant")
+# The fields each layout reads; a source's ``columns`` mapping renames them to its own column names.
+FIELDS = {"airoboros": ("instruction", "response", "system"), "alpaca": ("instruction", "input", "output"),
+          "messages": ("messages", "role", "content")}
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Where a parser finds its fields: ``names`` maps a layout's field to the row's key (a dataset whose columns
+    are named differently), and ``noun`` is what messages call them ("field" in JSON, "column" in a table)."""
+
+    names: tuple[tuple[str, str], ...] = ()
+    noun: str = "field"
+
+    def key(self, field_name: str) -> str:
+        return dict(self.names).get(field_name, field_name)
+
+
+PLAIN = Fields()
 
 
 def detect_format(row: dict) -> str | None:
@@ -44,56 +63,65 @@ def detect_format(row: dict) -> str | None:
     return None
 
 
-def _text(row: dict, key: str, where: str, *, required: bool = True, allow_blank: bool = False) -> str:
+def _text(row: dict, key: str, where: str, *, required: bool = True, allow_blank: bool = False,
+          fields: Fields = PLAIN) -> str:
+    key, noun = fields.key(key), fields.noun
     if key not in row:
         if not required:
             return ""
         keys = ", ".join(sorted(row)) or "none"
-        raise DataError(f"{where}: missing field '{key}' (row has: {keys})")
+        raise DataError(f"{where}: missing {noun} '{key}' (row has: {keys})")
     value = row[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+        raise DataError(f"{where}: {noun} '{key}' must be a string, got {type(value).__name__}")
     if not allow_blank and not value.strip():
-        raise DataError(f"{where}: field '{key}' is blank")
+        raise DataError(f"{where}: {noun} '{key}' is blank")
     return value
 
 
-def airoboros_row(row: dict, where: str) -> Conversation:
+def airoboros_row(row: dict, where: str, fields: Fields = PLAIN) -> Conversation:
     msgs = []
-    system = _text(row, "system", where, required=False, allow_blank=True)
+    system = _text(row, "system", where, required=False, allow_blank=True, fields=fields)
     if system.strip():
         msgs.append(Message("system", system))
-    msgs += [Message("user", _text(row, "instruction", where)), Message("assistant", _text(row, "response", where))]
+    msgs += [Message("user", _text(row, "instruction", where, fields=fields)),
+             Message("assistant", _text(row, "response", where, fields=fields))]
     return Conversation(tuple(msgs), where)
 
 
-def alpaca_row(row: dict, where: str) -> Conversation:
-    instruction = _text(row, "instruction", where)
-    extra = _text(row, "input", where, required=False, allow_blank=True)
+def alpaca_row(row: dict, where: str, fields: Fields = PLAIN) -> Conversation:
+    instruction = _text(row, "instruction", where, fields=fields)
+    extra = _text(row, "input", where, required=False, allow_blank=True, fields=fields)
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     # The optional input is appended to the instruction, as the instruction's context.
-    return Conversation((Message("user", user), Message("assistant", _text(row, "output", where))), where)
+    output = _text(row, "output", where, fields=fields)
+    return Conversation((Message("user", user), Message("assistant", output)), where)
 
 
-def messages_row(row: dict, where: str) -> Conversation:
-    key = "messages" if "messages" in row else "conversations"
+def messages_row(row: dict, where: str, fields: Fields = PLAIN) -> Conversation:
+    key = fields.key("messages")
+    if key == "messages" and key not in row:
+        key = "conversations"  # ShareGPT's name
+    if key not in row:
+        raise DataError(f"{where}: missing {fields.noun} '{key}' (row has: {', '.join(sorted(row)) or 'none'})")
     turns = row[key]
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{where}: field '{key}' must be a non-empty list of {{role, content}} objects")
+        raise DataError(f"{where}: {fields.noun} '{key}' must be a non-empty list of {{role, content}} objects")
+    role_key, content_key = fields.key("role"), fields.key("content")
     msgs = []
     for i, turn in enumerate(turns):
         at = f"{where}: {key}[{i}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{at} must be an object with 'role' and 'content'")
-        role = turn.get("role", turn.get("from"))
+            raise DataError(f"{at} must be an object with '{role_key}' and '{content_key}'")
+        role = turn.get(role_key, turn.get("from"))
         role = {"human": "user", "gpt": "assistant"}.get(role, role)
         if role not in ROLES:
-            raise DataError(f"{at}.role is {role!r}; use one of {', '.join(ROLES)}")
-        content = turn.get("content", turn.get("value"))
+            raise DataError(f"{at}.{role_key} is {role!r}; use one of {', '.join(ROLES)}")
+        content = turn.get(content_key, turn.get("value"))
         if not isinstance(content, str):
-            raise DataError(f"{at}.content must be a string, got {type(content).__name__}")
+            raise DataError(f"{at}.{content_key} must be a string, got {type(content).__name__}")
         if role == "assistant" and not content.strip():
-            raise DataError(f"{at}.content is blank: an assistant turn must say something")
+            raise DataError(f"{at}.{content_key} is blank: an assistant turn must say something")
         msgs.append(Message(role, content))
     if msgs[-1].role != "assistant":
         raise DataError(f"{where}: the last message must be from the assistant (it is the trained response)")
@@ -168,18 +196,24 @@ def _json_rows(path: Path):
     # Editors on Windows start UTF-8 files with a byte-order mark; it is not part of the first row.
     data = data.removeprefix(b"\xef\xbb\xbf")
     for lineno, line in enumerate(data.split(b"\n"), start=1):
-        where = f"{path}:{lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: bytes that are not UTF-8 at column {e.start + 1}; re-encode the file "
-                            "as UTF-8") from None
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        yield lineno, row
+        row = json_line(line, f"{path}:{lineno}")
+        if row is not None:
+            yield lineno, row
+
+
+def json_line(line: bytes, where: str) -> dict | None:
+    """The JSON object on one line of a JSONL file, None for a blank line, DataError naming ``where`` otherwise."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: bytes that are not UTF-8 at column {e.start + 1}; re-encode the file "
+                        "as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON at column {e.colno} ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row

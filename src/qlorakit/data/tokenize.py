@@ -39,15 +39,25 @@ class TokenizeReport:
     dropped_no_trained_tokens: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
-        out = [f"{self.kept} examples kept"]
-        for label, items in (("truncated to model_max_len", self.truncated),
-                             ("dropped: longer than model_max_len", self.dropped_too_long),
-                             ("dropped: no trained token left (prompt fills model_max_len)",
-                              self.dropped_no_trained_tokens)):
-            if items:
-                first = ", ".join(items[:3]) + (" ..." if len(items) > 3 else "")
-                out.append(f"{len(items)} {label} (e.g. {first})")
-        return out
+        return policy_lines(self.kept, {status: (len(items), items[:3]) for status, items in
+                                        zip(STATUSES[1:], (self.truncated, self.dropped_too_long,
+                                                           self.dropped_no_trained_tokens))})
+
+
+# What the length policy did to one example; the order is the code stored with cached examples.
+STATUSES = ("kept", "truncated", "dropped_too_long", "dropped_no_trained_tokens")
+_STATUS_LABELS = {"truncated": "truncated to model_max_len", "dropped_too_long": "dropped: longer than model_max_len",
+                  "dropped_no_trained_tokens": "dropped: no trained token left (prompt fills model_max_len)"}
+
+
+def policy_lines(kept: int, changed: dict[str, tuple[int, list[str]]]) -> list[str]:
+    """Report lines: ``kept`` examples, then for each status its count and up to three example sources."""
+    out = [f"{kept} examples kept"]
+    for status, label in _STATUS_LABELS.items():
+        count, first = changed.get(status, (0, []))
+        if count:
+            out.append(f"{count} {label} (e.g. {', '.join(first[:3]) + (' ...' if count > 3 else '')})")
+    return out
 
 
 def bos_ids(tokenizer) -> list[int]:
@@ -80,22 +90,53 @@ def prompt_ids(messages, tokenizer, prompt_format: str) -> list[int]:
     return segments_to_ids(segments, tokenizer)[0]
 
 
+def tokenize_many(convs: list[Conversation], tokenizer, prompt_format: str,
+                  train_on_source: bool = False) -> list[Example]:
+    """``tokenize_conversation`` for each of ``convs``, with one tokenizer call for all their segments (the
+    tokenizer encodes each text on its own, so the ids are the same as segment by segment, only faster)."""
+    segments = [render_segments(c.messages, prompt_format, tokenizer) for c in convs]
+    texts = [seg.text for segs in segments for seg in segs]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    bos = bos_ids(tokenizer)
+    out = []
+    for conv, segs in zip(convs, segments):
+        ids, labels = list(bos), [IGNORE] * len(bos)
+        for seg in segs:
+            seg_ids = next(encoded)
+            ids += seg_ids
+            labels += seg_ids if (seg.trained or train_on_source) else [IGNORE] * len(seg_ids)
+        out.append(Example(ids, labels, conv.source))
+    return out
+
+
+def apply_length_policy(ex: Example, max_len: int, truncation: str = "truncate") -> tuple[Example | None, str]:
+    """The example as training sees it (None when dropped) and its status, one of STATUSES. A truncated example
+    left with no trained token is dropped (and counted as truncated too: its full length says so)."""
+    status = "kept"
+    if len(ex) > max_len:
+        if truncation == "drop":
+            return None, "dropped_too_long"
+        ex, status = Example(ex.input_ids[:max_len], ex.labels[:max_len], ex.source), "truncated"
+    if ex.n_trained == 0:
+        return None, "dropped_no_trained_tokens"
+    return ex, status
+
+
 def tokenize_all(convs: list[Conversation], tokenizer, prompt_format: str, max_len: int,
                  truncation: str = "truncate", train_on_source: bool = False) -> tuple[list[Example], TokenizeReport]:
     """Examples for ``convs`` with the length policy applied; the report counts every change."""
     report = TokenizeReport()
     out = []
+    changed = {"truncated": report.truncated, "dropped_too_long": report.dropped_too_long,
+               "dropped_no_trained_tokens": report.dropped_no_trained_tokens}
     for conv in convs:
-        ex = tokenize_conversation(conv, tokenizer, prompt_format, train_on_source)
-        if len(ex) > max_len:
-            if truncation == "drop":
-                report.dropped_too_long.append(conv.source)
-                continue
-            ex = Example(ex.input_ids[:max_len], ex.labels[:max_len], ex.source)
-            report.truncated.append(conv.source)
-        if ex.n_trained == 0:
-            report.dropped_no_trained_tokens.append(conv.source)
-            continue
-        out.append(ex)
+        full = tokenize_conversation(conv, tokenizer, prompt_format, train_on_source)
+        ex, status = apply_length_policy(full, max_len, truncation)
+        if status == "dropped_no_trained_tokens" and len(full) > max_len:
+            changed["truncated"].append(conv.source)
+        if status != "kept":
+            changed[status].append(conv.source)
+        if ex is not None:
+            out.append(ex)
     report.kept = len(out)
     return out, report
