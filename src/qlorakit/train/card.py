@@ -137,12 +137,14 @@ def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict],
              "library_name": "peft", "pipeline_tag": "text-generation",
              "tags": ["qlora", "lora", "peft", "qlorakit", f"{cfg.bits}bit", cfg.prompt_format]}
     name = out.resolve().name
+    base_kind = (f"QLoRA, {cfg.quant_type.upper()} 4-bit base{' with double quantization' if cfg.double_quant else ''}"
+                 if cfg.bits == 4 else f"{cfg.bits}-bit base")
     lines = [
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {name}", "",
         "## Overview", "",
         f"A LoRA adapter for `{base_path}`, fine-tuned with qlorakit on `{dataset_name}` "
-        f"({'QLoRA, ' + cfg.quant_type.upper() + ' 4-bit base' + (' with double quantization' if cfg.double_quant else '') if cfg.bits == 4 else str(cfg.bits) + '-bit base'}, "
+        f"({base_kind}, "
         f"LoRA r={cfg.lora_r} on `{cfg.lora_modules}` linear layers). Loss was computed on the responses only"
         f"{'' if not cfg.train_on_source else ' and the prompts'}, normalized by trained tokens across "
         "accumulated micro-batches, so gradient accumulation is exactly a larger batch.", "",

@@ -12,12 +12,12 @@ import math
 
 import torch
 
-from . import processes as dist
+from . import processes
 from ..config import TrainConfig
 from ..errors import UserError
 
 
-def wrap_model(model, cfg: TrainConfig, info: dist.DistInfo, device: torch.device):
+def wrap_model(model, cfg: TrainConfig, info: processes.DistInfo, device: torch.device):
     """``model`` unchanged in one process; DDP (or FSDP2) over the torchrun process group otherwise."""
     if not info.enabled:
         if cfg.fsdp:

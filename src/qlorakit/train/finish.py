@@ -11,6 +11,7 @@ from ..config import TrainConfig, save_config
 from ..data.formats import Message
 from ..data.templates import render_text, stop_text
 from . import checkpoint as ckpt
+from .distributed import unwrap
 from .progress import Metrics
 
 log = logging.getLogger("qlorakit")
@@ -51,7 +52,7 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
 def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.TrainState, stopped: str,
                   adapter_state: dict | None = None) -> None:
     """``adapter_state``: the adapter gathered from the ranks where the model is sharded (FSDP); else None."""
-    peft_model = getattr(model, "module", model)
+    peft_model = unwrap(model)
     if cfg.load_best_model_at_end and state.best_step is not None and state.best_step != state.step:  # else: in memory
         best = out / f"{ckpt.PREFIX}{state.best_step}"
         if best.is_dir():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import processes as dist
+from . import processes
 from ..errors import UserError
 from ..config import TrainConfig, save_config
 from ..data.batching import collate, epoch_order, plan_steps
@@ -155,7 +155,7 @@ def decide_checkpointing(cfg: TrainConfig, model, examples: list[Example], packi
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
-    info = dist.init()
+    info = processes.init()
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="qlorakit: %(message)s")
     device = device_for_training()
     use_bf16 = cfg.use_bf16()
@@ -163,7 +163,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         ckpt.recover_partial_saves(out)  # what a run killed inside a save left behind
-    dist.barrier(info)
+    processes.barrier(info)
     resume_path = None
     if cfg.resume_from_checkpoint:  # refused before any time goes into loading the model
         resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, out)
@@ -258,12 +258,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     def save_now() -> None:
         adapter = adapter_state(model)
         opt_state = optimizer_state(model, optimizer)  # every rank: gathers under FSDP
-        rank_rngs = dist.gather_objects(ckpt.rng_state(), info)
+        rank_rngs = processes.gather_objects(ckpt.rng_state(), info)
         if info.is_main:
             from safetensors import SafetensorError
 
             try:
-                ckpt.save_checkpoint(out, getattr(model, "module", model), optimizer, scheduler, state, cfg,
+                ckpt.save_checkpoint(out, unwrap(model), optimizer, scheduler, state, cfg,
                                             adapter_state=adapter, optimizer_state=opt_state,
                                             rank_rng_states=rank_rngs)
             except (OSError, SafetensorError) as e:  # SafetensorError: an I/O error writing the adapter
@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
             best = out / f"{ckpt.PREFIX}{state.best_step}" if state.best_step is not None else None
             for gone in ckpt.prune_checkpoints(out, cfg.save_total_limit, best):
                 log.info("removed %s (save_total_limit %d)", gone.name, cfg.save_total_limit)
-        dist.barrier(info)
+        processes.barrier(info)
 
     with StopRequest() as stop:
         while state.step < total_steps and stopped == "finished":
@@ -287,10 +287,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                 batches = [collate([train_ex[i] for i in (ids or filler)], pad_id, packing) for ids in mine]
                 weights = [1.0 if ids else 0.0 for ids in mine]
                 real = [b for b, ids in zip(batches, mine) if ids]
-                n_tokens = int(dist.all_sum(count_trained(real), info, device))
+                n_tokens = int(processes.all_sum(count_trained(real), info, device))
                 loss_sum = accumulate(model, batches, device, use_bf16, n_tokens, grad_scale=info.world_size,
                                       weights=weights)
-                loss = dist.all_sum(loss_sum, info, device) / n_tokens
+                loss = processes.all_sum(loss_sum, info, device) / n_tokens
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else
                                                       float("inf"))
                 lr = scheduler.get_last_lr()[0]
@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 last_loss = loss
 
-                tokens_seen += int(dist.all_sum(sum(int(b["input_ids"].numel() if "attention_mask" not in b
+                tokens_seen += int(processes.all_sum(sum(int(b["input_ids"].numel() if "attention_mask" not in b
                                                         else b["attention_mask"].sum()) for b in real),
                                                 info, device))
                 epoch_f = round(state.step / steps_per_epoch, 4)
@@ -334,7 +334,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                         (cfg.eval_strategy == "epoch" and epoch_end):
                     evaluate_now()
                 # A signal reaches the ranks at different moments: they agree on it, or they would part ways.
-                stopping = dist.any_rank(stop.requested is not None, info, device)
+                stopping = processes.any_rank(stop.requested is not None, info, device)
                 if stopping or (cfg.save_strategy == "steps" and state.step % cfg.save_steps == 0) or \
                         (cfg.save_strategy == "epoch" and epoch_end) or \
                         (cfg.load_best_model_at_end and state.best_step == state.step):  # the best must be kept
@@ -351,7 +351,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                         "--resume_from_checkpoint latest",
                         stop.requested or "a signal to another process", state.step,
                         out / f"{ckpt.PREFIX}{state.step}")
-        dist.shutdown(info)
+        processes.shutdown(info)
         return RunResult(out, state.step, last_loss, stopped, state.best_step, state.best_eval_loss)
 
     if cfg.eval_strategy != "no" and eval_ex and (not state.eval_history or state.eval_history[-1]["step"] !=
@@ -362,6 +362,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
         from .finish import write_run_dir
 
         write_run_dir(cfg, model, tokenizer, out, state, stopped, adapter_state=adapter)
-    dist.barrier(info)
-    dist.shutdown(info)
+    processes.barrier(info)
+    processes.shutdown(info)
     return RunResult(out, state.step, last_loss, stopped, state.best_step, state.best_eval_loss)

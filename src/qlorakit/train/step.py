@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.tokenize import IGNORE
+from .distributed import unwrap
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -26,7 +27,7 @@ def autocast(device: torch.device, enabled: bool):
 
 def _causal_lm(model):
     """The transformers model under peft/DDP/FSDP wrappers."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
