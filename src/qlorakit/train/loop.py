@@ -15,7 +15,7 @@ import torch
 from . import processes
 from ..errors import UserError
 from ..config import TrainConfig, save_config
-from ..data.batching import collate, epoch_order, plan_steps
+from ..data.batching import collate
 from ..data.formats import Conversation, read_jsonl
 from ..data.tokenize import Example, tokenize_all
 from ..devices import device_for_training, free_memory
@@ -26,6 +26,7 @@ from ..model.lora import add_lora, target_modules, trainable_report
 from . import checkpoint as ckpt
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .progress import Metrics, Progress
+from .schedule import epoch_steps
 from .step import accumulate, count_trained, supports_packing
 from .validate import eval_loss
 
@@ -206,7 +207,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
                  total_steps, warmup_steps(total_steps, cfg.warmup_ratio),
                  "packed padding-free" if packing else "padded")
 
-    from .distributed import (adapter_state, is_fsdp, load_adapter, load_optimizer, optimizer_state, shard_step,
+    from .distributed import (adapter_state, is_fsdp, load_adapter, load_optimizer, optimizer_state,
                               unwrap, wrap_model)
     model = wrap_model(model, cfg, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -279,11 +280,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> RunResult:
     with StopRequest() as stop:
         while state.step < total_steps and stopped == "finished":
             lengths = [len(e) for e in train_ex] if cfg.group_by_length else None
-            order = epoch_order(len(train_ex), cfg.seed, state.epoch, lengths, micro if lengths else None)
-            steps = plan_steps(order, micro * accum * info.world_size, 1)
-            for plan in steps[state.step_in_epoch:]:
-                mine = shard_step(plan[0], info.rank, info.world_size, micro, accum)
-                filler = [min(plan[0], key=lambda i: len(train_ex[i]))]  # for a rank with no example left
+            steps = epoch_steps(len(train_ex), state.epoch, seed=cfg.seed, micro=micro, accum=accum,
+                                world_size=info.world_size, rank=info.rank, lengths=lengths)
+            for scheduled in steps[state.step_in_epoch:]:
+                mine = scheduled.micro_batches
+                filler = [min(scheduled.examples, key=lambda i: len(train_ex[i]))]  # for a rank with no example left
                 batches = [collate([train_ex[i] for i in (ids or filler)], pad_id, packing) for ids in mine]
                 weights = [1.0 if ids else 0.0 for ids in mine]
                 real = [b for b, ids in zip(batches, mine) if ids]
