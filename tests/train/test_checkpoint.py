@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import signal
 import subprocess
@@ -14,27 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from helpers import airoboros_rows, write_jsonl
+from helpers import adapter_weights as adapter
+from helpers import airoboros_rows, read_metrics, rel_diff, scripted_eval, train_with, write_jsonl
 from qlorakit.cli import main
 from qlorakit.config import build_config, save_config
 from qlorakit.train import checkpoint as ckpt
-from qlorakit.train import loop
-from helpers import rel_diff
+from qlorakit.train.fit import StopRequest
 
 RESUME = ["--optim", "adamw_torch", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.25", "--lora_dropout", "0.1",
           "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--per_device_train_batch_size", "2",
           "--learning_rate", "0.01", "--eval_dataset_size", "0"]
-
-
-def adapter(path: Path, only_b: bool = False) -> dict:
-    w = load_file(path / "adapter_model.safetensors")
-    return {k: v for k, v in w.items() if "lora_B" in k or not only_b}
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
 
 
 def start_train(args: list[str], log: Path) -> subprocess.Popen:
@@ -82,10 +71,10 @@ def test_resume_after_sigkill_is_exact(tiny_llama, tmp_path):
 
     assert rel_diff(adapter(full, only_b=True), adapter(killed, only_b=True)) < 1e-3  # B starts at 0: all learned
     assert rel_diff(adapter(full), adapter(killed)) < 1e-3
-    resumed = [r for r in metrics(killed) if "loss" in r]
+    resumed = read_metrics(killed, "loss")
     assert [r["step"] for r in resumed] == list(range(1, 9))  # one row per step, none twice
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in metrics(full)], rel=1e-5)
-    assert [r["learning_rate"] for r in resumed] == pytest.approx([r["learning_rate"] for r in metrics(full)])
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in read_metrics(full)], rel=1e-5)
+    assert [r["learning_rate"] for r in resumed] == pytest.approx([r["learning_rate"] for r in read_metrics(full)])
 
 
 class _FailingSave:
@@ -139,7 +128,7 @@ def test_failed_save_leaves_previous_checkpoint_usable(what, tiny_llama, tmp_pat
         assert err.count("\n") == 1
 
     assert main([*args, "--resume_from_checkpoint", "latest"]) == 0  # checkpoint-1 loads and the run completes
-    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(out, "loss")] == [1, 2, 3]
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
 
@@ -168,28 +157,19 @@ def test_resume_refuses_changed_keys_by_name(tmp_path):
     assert f"learning_rate ({default_lr} -> 0.001)" in str(e.value) and "lora_r (16 -> 8)" in str(e.value)
 
 
-def _fake_eval(monkeypatch, values: list[float]):
-    it = iter(values)
-
-    def fake(model, examples, **kw):
-        v = next(it)
-        return {"eval_loss": v, "eval_perplexity": math.exp(v), "eval_tokens": 10}
-
-    monkeypatch.setattr(loop, "eval_loss", fake)
-
-
-def test_save_total_limit_prunes_oldest_never_best_nor_newest(tiny_llama, tmp_path, monkeypatch, caplog):
+def test_save_total_limit_prunes_oldest_never_best_nor_newest(tiny_llama, tmp_path, caplog):
     import logging
 
     data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(10))
     out = tmp_path / "run"
-    _fake_eval(monkeypatch, [3.0, 1.0, 2.0, 4.0])  # the best is step 2
     with caplog.at_level(logging.INFO, logger="qlorakit"):
-        assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
-                     str(out), "--eval_dataset_size", "2", "--eval_strategy", "steps", "--eval_steps", "1",
-                     "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1", "--max_steps", "4",
-                     "--per_device_train_batch_size", "2", "--learning_rate", "0.01",
-                     "--load_best_model_at_end", "true"]) == 0
+        result = train_with(["--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+                            "--eval_dataset_size", "2", "--eval_strategy", "steps", "--eval_steps", "1",
+                            "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1",
+                            "--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "0.01",
+                            "--load_best_model_at_end", "true"],
+                            evaluate=scripted_eval([3.0, 1.0, 2.0, 4.0]))  # the best is step 2
+    assert (result.stopped, result.best_step) == ("finished", 2)
     # limit 1 keeps the best and, so that a resume loses nothing, the newest
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     assert "removed checkpoint-1 (save_total_limit 1)" in caplog.text
@@ -224,13 +204,13 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_llama, tmp_path)
     assert not (out / "adapter_model.safetensors").exists()  # not mistaken for a finished run
 
     assert main(["train", *common, "--resume_from_checkpoint", "latest"]) == 0
-    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(out, "loss")] == [1, 2, 3, 4, 5]
     assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_second_ctrl_c_aborts_at_once():
     before = signal.getsignal(signal.SIGINT)
-    with loop.StopRequest() as stop:
+    with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested == "SIGINT"  # the first asks for a checkpoint at the step's end
         with pytest.raises(KeyboardInterrupt):

@@ -7,7 +7,6 @@ Each torchrun of the tiny model costs 20-45 s on a 2-core machine, so the runs a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,8 +15,7 @@ import sys
 import pytest
 import torch
 
-from helpers import airoboros_rows, write_jsonl
-from helpers import SGD_ONE_STEP, lora_b, rel_diff
+from helpers import SGD_ONE_STEP, airoboros_rows, lora_b, read_metrics, rel_diff, write_jsonl
 from qlorakit.cli import main
 from qlorakit.data.batching import collate, epoch_order
 from qlorakit.train.schedule import epoch_steps, shard_step, steps_per_epoch
@@ -47,8 +45,7 @@ def train_2proc(args: list[str], *, via_nproc: bool = False, timeout: int = 300)
 
 
 def metric_rows(run_dir, key: str) -> dict[int, dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if key in r}
+    return {r["step"]: r for r in read_metrics(run_dir, key)}
 
 
 # --- each rank's share of a step -------------------------------------------------------------------------------

@@ -51,6 +51,13 @@ class TrainState:
     evals_without_improvement: int = 0
     eval_history: list = field(default_factory=list)
 
+    def advance(self, steps_in_epoch: int) -> None:
+        """Count one optimizer step taken; the last of an epoch's ``steps_in_epoch`` steps starts the next epoch."""
+        self.step += 1
+        self.step_in_epoch += 1
+        if self.step_in_epoch == steps_in_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
