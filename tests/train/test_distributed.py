@@ -1,6 +1,6 @@
 """Data parallel under torchrun, on CPU (gloo), with real processes: 2 ranks x 2 examples each equal 1 process x
-batch 2 x GA 2, with DDP and with FSDP2; a resumed 2-process run equals an uninterrupted one; each rank reads its own
-slice of every step, and a rank left without examples in a short last step still joins the collectives.
+batch 2 x GA 2, with DDP and with FSDP2; a resumed 2-process run equals an uninterrupted one; a rank left without
+examples in a short last step still joins the collectives (each rank's slice of a step: test_schedule.py).
 
 Each torchrun of the tiny model costs 20-45 s on a 2-core machine, so the runs are few and each checks several things.
 """
@@ -17,8 +17,7 @@ import torch
 
 from helpers import SGD_ONE_STEP, airoboros_rows, lora_b, read_metrics, rel_diff, write_jsonl
 from qlorakit.cli import main
-from qlorakit.data.batching import collate, epoch_order
-from qlorakit.train.schedule import epoch_steps, shard_step, steps_per_epoch
+from qlorakit.data.batching import collate
 
 SGD_TWO_STEPS = [("2" if SGD_ONE_STEP[i - 1] == "--max_steps" else a) for i, a in enumerate(SGD_ONE_STEP)]
 
@@ -49,43 +48,6 @@ def metric_rows(run_dir, key: str) -> dict[int, dict]:
 
 
 # --- each rank's share of a step -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("n,world,micro,accum", [(16, 2, 2, 1), (5, 2, 2, 1), (7, 2, 1, 2), (9, 3, 2, 2),
-                                                 (1, 4, 1, 1), (13, 2, 3, 2), (6, 2, 2, 1)])
-def test_each_rank_reads_its_own_slice(n, world, micro, accum):
-    ranks = [epoch_steps(n, 0, seed=3, micro=micro, accum=accum, world_size=world, rank=r) for r in range(world)]
-    seen = []
-    for steps in zip(*ranks):
-        step = steps[0].examples
-        assert all(s.examples == step for s in steps)  # every rank plans the same global step
-        per_rank = [s.micro_batches for s in steps]
-        # every rank runs as many forward/backward passes as rank 0, or DDP/FSDP collectives would wait forever
-        assert len({len(b) for b in per_rank}) == 1
-        assert all(len(b) <= accum and all(len(mb) <= micro for mb in b) for b in per_rank)
-        got = [i for b in per_rank for mb in b for i in mb]
-        assert got == step  # rank r holds the r-th consecutive slice of the step
-        seen += got
-    assert sorted(seen) == list(range(n))  # no example duplicated or dropped
-    assert len(ranks[0]) == steps_per_epoch(n, micro, accum, world)
-
-
-def test_one_process_steps_are_consecutive_micro_batches_of_the_seeded_order():
-    """In one process a step is the next batch * accumulation examples of the epoch's order, cut into micro-batches,
-    the same for batch k x GA 1 and batch 1 x GA k; another epoch has another order."""
-    order = epoch_order(10, seed=3, epoch=1)
-    steps = epoch_steps(10, 1, seed=3, micro=2, accum=2)
-    assert [s.examples for s in steps] == [order[0:4], order[4:8], order[8:10]]
-    assert [s.micro_batches for s in steps] == [[order[0:2], order[2:4]], [order[4:6], order[6:8]], [order[8:10]]]
-    assert [s.examples for s in epoch_steps(10, 1, seed=3, micro=4, accum=1)] == [s.examples for s in steps]
-    assert [s.examples for s in epoch_steps(10, 0, seed=3, micro=2, accum=2)] != [s.examples for s in steps]
-
-
-def test_short_last_step_leaves_a_rank_empty_but_in_step():
-    assert shard_step([4], 0, 2, 2, 1) == [[4]]
-    assert shard_step([4], 1, 2, 2, 1) == [[]]  # no example: one zero-weighted pass
-    assert shard_step([4, 5, 6], 0, 2, 1, 2) == [[4], [5]]
-    assert shard_step([4, 5, 6], 1, 2, 1, 2) == [[6], []]  # fewer micro-batches: padded to rank 0's count
-
 
 def test_zero_weighted_micro_batch_adds_nothing(tiny_llama, tokenizer, tmp_path):
     """The filler pass of an empty rank: forward and backward run, gradients and loss are untouched."""
