@@ -103,3 +103,17 @@ def test_gradient_checkpointing_only_where_memory_needs_it(tiny_llama, tmp_path,
     recomputing = [m for m in run.model.modules() if getattr(m, "gradient_checkpointing", False)]
     assert bool(recomputing) == want_on  # it took effect on the decoder layers, or nothing recomputes
     assert finish(run, fit(run)).steps == 1
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_output_dir_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, capsys, where):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("not a run directory")
+    out = taken if where == "file" else taken / "run"
+    # no model at that path: an error about it would mean the model was loaded first
+    assert main(["train", "--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "error: output_dir: " in err and str(out) in err and "no-model" not in err
+    assert ("is a file, not a directory" in err) if where == "file" else ("cannot create" in err)
+    assert taken.read_text() == "not a run directory"

@@ -186,7 +186,13 @@ def log_summary(cfg: TrainConfig, info: processes.DistInfo, model, base_path: st
 def prepare_output_dir(cfg: TrainConfig, info: processes.DistInfo) -> Path:
     """The run directory, created; what a run killed inside a save left there is tidied (rank 0)."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir: {out} is a file, not a directory; give a directory for the run (a new one is "
+                        "created) or move the file away")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent that is a file, no permission
+        raise UserError(f"output_dir: cannot create {out} ({e.strerror}); give a directory you can write to") from None
     if info.is_main:
         ckpt.recover_partial_saves(out)  # what a run killed inside a save left behind
     processes.barrier(info)
