@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,6 +131,72 @@ def test_failed_save_leaves_previous_checkpoint_usable(what, tiny_llama, tmp_pat
     assert main([*args, "--resume_from_checkpoint", "latest"]) == 0  # checkpoint-1 loads and the run completes
     assert [r["step"] for r in read_metrics(out, "loss")] == [1, 2, 3]
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 700 KB tmpfs: one checkpoint of the tiny run (about 460 KB) fits, the next one's adapter fits, and its
+    optimizer state (280 KB) does not. Mounting needs root or CAP_SYS_ADMIN; elsewhere the test is skipped."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("no mount/umount command to make a small tmpfs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:  # lazily where a failed test's traceback still holds a file open on it
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_a_real_full_disk_during_a_save_stops_with_one_line(small_disk, tiny_llama, tmp_path, capsys):
+    """torch.save of the optimizer state on a full disk raises a RuntimeError from torch's zip writer (no errno);
+    the run ends with the one-line message, and the previous checkpoint is whole."""
+    import torch
+
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(6))
+    out = small_disk / "run"
+    assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+                 "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size",
+                 "2", "--learning_rate", "0.01", "--save_total_limit", "0"]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "saving checkpoint-2 failed: writing optimizer.pt failed" in errors[0], errors[0]
+    assert "inline_container.cc" in errors[0] and "checkpoint-1 is intact" in errors[0]
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no temp folder
+    saved = out / "checkpoint-1"
+    assert adapter(saved) and torch.load(saved / "optimizer.pt", weights_only=True)["state"]
+
+
+class _Adapter:
+    """What save_checkpoint asks of a model."""
+
+    def save_pretrained(self, path, state_dict=None):
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"")
+
+
+@pytest.mark.parametrize("message,raised", [("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0",
+                                             OSError), ("basic_ios::clear: iostream error", OSError),
+                                            ("some other failure", RuntimeError)])
+def test_only_torch_write_failures_count_as_a_failed_write(tmp_path, monkeypatch, message, raised):
+    import torch
+
+    def failing_save(obj, f, *a, **kw):
+        raise RuntimeError(message)
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(raised) as e:
+        ckpt.save_checkpoint(tmp_path, _Adapter(), optimizer, scheduler, ckpt.TrainState(step=1), build_config([]))
+    assert type(e.value) is raised and message in str(e.value)
+    assert raised is RuntimeError or "writing optimizer.pt failed" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # the partial checkpoint is gone either way
 
 
 def test_partial_saves_of_a_killed_run_are_cleaned_or_recovered(tmp_path):

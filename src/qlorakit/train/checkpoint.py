@@ -92,6 +92,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What torch's zip writer raises, as a RuntimeError without an errno, when a write fails (a full disk, an I/O error):
+# '[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0', 'PytorchStreamWriter failed writing file
+# data/0: file write failed', or its file stream's 'basic_ios::clear: iostream error'.
+WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed", "basic_ios::clear: iostream error")
+
+
+def _write_failed(e: RuntimeError) -> bool:
+    return any(m in str(e) for m in WRITE_FAILURES)
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save, with a failed write raised as the OSError it is (naming the file and the space left); any other
+    RuntimeError goes through unchanged."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        if not _write_failed(e):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(f"writing {path.name} failed with {free:,} bytes free on its disk (torch: "
+                      f"{str(e).splitlines()[0]})") from e
+
+
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
                     adapter_state: dict | None = None, optimizer_state: dict | None = None,
                     rank_rng_states: list | None = None) -> Path:
@@ -106,12 +129,12 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainS
     try:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, state_dict=adapter_state)
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng_state.pt")
+        _torch_save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(rng_state(), tmp / "rng_state.pt")
         for r, rng in enumerate(rank_rng_states or []):
             if r > 0:
-                torch.save(rng, tmp / f"rng_state_{r}.pt")
+                _torch_save(rng, tmp / f"rng_state_{r}.pt")
         save_config(cfg, tmp / "qlorakit_config.yaml")
         (tmp / "trainer_state.json").write_text(state.to_json())
         _fsync_tree(tmp)
