@@ -222,6 +222,42 @@ def test_resume_refuses_changed_keys_by_name(tmp_path):
         ckpt.check_resumable(c, build_config([*args, "--learning_rate", "1e-3", "--lora_r", "8"]))
     default_lr = build_config(args).learning_rate
     assert f"learning_rate ({default_lr} -> 0.001)" in str(e.value) and "lora_r (16 -> 8)" in str(e.value)
+    # where the run ends may change (check_total_steps refuses an end before the checkpoint)
+    ckpt.check_resumable(c, build_config([*args, "--num_train_epochs", "5", "--max_steps", "40"]))
+
+
+def test_more_epochs_continue_a_finished_run_and_fewer_are_refused(tiny_llama, tmp_path, capsys, caplog):
+    """A finished 1-epoch run (2 steps, linear decay) resumed from its last checkpoint with 2 epochs trains steps 3
+    and 4 on the new schedule, stepped to step 2: 0.01 x (1 - 2/4) and 0.01 x (1 - 3/4). Then 1 epoch again is
+    below checkpoint-4's step: refused in one line."""
+    import logging
+
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(4))
+    out = tmp_path / "run"
+    args = ["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--learning_rate", "0.01", "--lr_scheduler_type", "linear",
+            "--warmup_ratio", "0", "--eval_dataset_size", "0", "--save_strategy", "epoch", "--optim", "adamw_torch"]
+    assert main([*args, "--num_train_epochs", "1"]) == 0
+    first = read_metrics(out, "loss")
+    assert [(r["step"], r["learning_rate"]) for r in first] == [(1, 0.01), (2, 0.005)]
+
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        assert main([*args, "--num_train_epochs", "2", "--resume_from_checkpoint", "latest"]) == 0
+    rows = read_metrics(out, "loss")
+    assert rows[:2] == first and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["learning_rate"] for r in rows[2:]] == pytest.approx([0.005, 0.0025])
+    assert ("schedule: 4 steps in all instead of the checkpoint's 2; the linear learning-rate schedule is rebuilt for "
+            "4 steps and continues at step 2 (lr 5.00e-03)") in caplog.text
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["total_steps"]) == (4, 2, 4)
+
+    capsys.readouterr()
+    assert main([*args, "--num_train_epochs", "1", "--resume_from_checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"cannot resume from {out / 'checkpoint-4'}: it is at step 4, past the 2 steps of this run " \
+           "(num_train_epochs 1); raise num_train_epochs or max_steps" in err
 
 
 def test_save_total_limit_prunes_oldest_never_best_nor_newest(tiny_llama, tmp_path, caplog):

@@ -23,10 +23,11 @@ from ..config import TrainConfig, save_config
 PREFIX = "checkpoint-"
 
 # Changing any of these changes which examples a step sees or how an update is computed, so a run resumed with
-# a different value would not be the run that was checkpointed.
+# a different value would not be the run that was checkpointed. num_train_epochs and max_steps may change: they
+# set where the run ends, which may not be before the checkpoint (check_total_steps).
 RESUME_KEYS = ("model_name_or_path", "dataset", "dataset_format", "prompt_format", "model_max_len", "truncation",
-               "train_on_source", "group_by_length", "eval_dataset_size", "eval_dataset", "num_train_epochs",
-               "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+               "train_on_source", "group_by_length", "eval_dataset_size", "eval_dataset",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "seed", "lora_r",
                "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant")
 
@@ -217,6 +218,20 @@ def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
         detail = ", ".join(f"{k} ({getattr(old, k)!r} -> {getattr(cfg, k)!r})" for k in changed)
         raise CheckpointError(f"cannot resume from {ckpt}: changed {detail}; use the checkpoint's values or "
                               "start a new run")
+
+
+def check_total_steps(ckpt: Path, cfg: TrainConfig, total_steps: int) -> None:
+    """Refuse a run that would end before the checkpoint's step (num_train_epochs or max_steps lowered past it)."""
+    try:
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {str(e)[:120]}); resume from an "
+                              "earlier checkpoint") from None
+    if total_steps < step:
+        setting = f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"num_train_epochs {cfg.num_train_epochs:g}"
+        raise CheckpointError(f"cannot resume from {ckpt}: it is at step {step}, past the {total_steps} steps of "
+                              f"this run ({setting}); raise num_train_epochs or max_steps to reach step {step} at "
+                              "least, or start a new run")
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, load_adapter=None,

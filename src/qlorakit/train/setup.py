@@ -213,6 +213,24 @@ def resume(path: Path, model, optimizer, scheduler, info: processes.DistInfo) ->
     return state
 
 
+def reschedule(cfg: TrainConfig, optimizer, state: ckpt.TrainState, total: int, info: processes.DistInfo):
+    """The learning-rate schedule of a run resumed with another length (num_train_epochs or max_steps changed):
+    rebuilt for the new total and stepped to the resume step, so the next update uses the new schedule's rate.
+
+    For linear or cosine decay that stretches the decay over the new total: at the resume step the rate jumps to
+    what the new schedule gives there (a finished linear run of 2 steps resumed for 4: from 0 to half the peak)
+    and falls to 0 at the new last step. Warmup is recomputed from warmup_ratio over the new total (a resume step
+    inside the new warmup resumes on its ramp); the steps already taken keep the rates they had. A constant
+    schedule stays constant."""
+    scheduler = build_scheduler(optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type, done_steps=state.step)
+    if info.is_main:
+        log.info("schedule: %d steps in all instead of the checkpoint's %d; the %s learning-rate schedule is rebuilt "
+                 "for %d steps and continues at step %d (lr %.2e)", total, state.total_steps, cfg.lr_scheduler_type,
+                 total, state.step, scheduler.get_last_lr()[0])
+    state.total_steps = total
+    return scheduler
+
+
 def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -> Run:
     """Everything the first step needs, checked and reported; resumed from a checkpoint where the config says so."""
     hooks = hooks or Hooks()
@@ -240,6 +258,8 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
         log.info("gradient checkpointing: %s (%s)", "on" if checkpointing else "off", why)
 
     total = schedule.total_steps(cfg, len(train_ex), info.world_size)
+    if resume_path is not None:
+        ckpt.check_total_steps(resume_path, cfg, total)
     if info.is_main:
         log_summary(cfg, info, model, base_path, modules, data_lines + token_lines, len(train_ex), total, packing)
     model = wrap_model(model, cfg, info, device)
@@ -249,6 +269,8 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     state = ckpt.TrainState(total_steps=total, world_size=info.world_size)
     if resume_path is not None:
         state = resume(resume_path, model, optimizer, scheduler, info)
+        if state.total_steps != total:
+            scheduler = reschedule(cfg, optimizer, state, total, info)
     if info.is_main:
         save_config(cfg, out / "qlorakit_config.yaml")
     metrics = Metrics(out / "metrics.jsonl", state.step if resume_path else None, enabled=info.is_main)
