@@ -1,7 +1,8 @@
 """Setup: config -> rows -> examples -> model -> optimizer, schedule and resumed state, held in one ``Run``.
 
 Everything is checked and reported before the first step: the data split, the length policy, the trainable
-parameters, the step arithmetic. A refused resume stops here before any time goes into loading the model.
+parameters, the step arithmetic. A resume with changed settings is refused before any time goes into loading the
+model; one that would end before its checkpoint, as soon as the examples are counted.
 """
 
 from __future__ import annotations
@@ -277,5 +278,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     bar = Progress(total, state.step, cfg.logging_steps, enabled=progress and info.is_main)
     per_epoch = schedule.steps_per_epoch(len(train_ex), cfg.per_device_train_batch_size,
                                          cfg.gradient_accumulation_steps, info.world_size)
-    return Run(cfg, info, device, out, model, tokenizer, train_ex, eval_ex, packing, cfg.use_bf16(), params,
-               optimizer, scheduler, state, total, per_epoch, metrics, bar, hooks)
+    return Run(cfg=cfg, info=info, device=device, out=out, model=model, tokenizer=tokenizer, train_ex=train_ex,
+               eval_ex=eval_ex, packing=packing, use_bf16=cfg.use_bf16(), params=params, optimizer=optimizer,
+               scheduler=scheduler, state=state, total_steps=total, steps_per_epoch=per_epoch, metrics=metrics,
+               bar=bar, hooks=hooks)
