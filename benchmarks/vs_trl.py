@@ -444,9 +444,10 @@ def run_workload(name: str, args, model_dir: str, tokenizer, shape: dict, peak: 
                  evaluator: dict) -> dict:
     import torch
 
-    from qlorakit.data.batching import collate, epoch_order, padding_waste, plan_steps
+    from qlorakit.data.batching import collate, padding_waste
     from qlorakit.data.formats import read_jsonl
     from qlorakit.data.tokenize import tokenize_all
+    from qlorakit.train.schedule import epoch_steps
 
     src = WORKLOADS[name]
     lines = [ln for ln in src.read_text(encoding="utf-8").splitlines() if ln.strip()][:args.rows]
@@ -461,9 +462,9 @@ def run_workload(name: str, args, model_dir: str, tokenizer, shape: dict, peak: 
 
     # What qlorakit will train on, built with its own functions (the same calls its loop makes).
     train_ex, rep = tokenize_all(convs, tokenizer, JOB["prompt_format"], JOB["max_length"])
-    # Optimizer steps as lists of micro-batches of example indices (loop.py plans whole steps, then splits them).
-    whole = plan_steps(epoch_order(len(train_ex), JOB["seed"], 0), JOB["batch"] * JOB["grad_accum"], 1)
-    steps = [[s[0][k:k + JOB["batch"]] for k in range(0, len(s[0]), JOB["batch"])] for s in whole]
+    # Optimizer steps as lists of micro-batches of example indices, planned as qlorakit's loop plans them.
+    steps = [s.micro_batches for s in epoch_steps(len(train_ex), 0, seed=JOB["seed"], micro=JOB["batch"],
+                                                  accum=JOB["grad_accum"])]
     pad_id = tokenizer.pad_token_id
     q_batches = [collate([train_ex[i] for i in micro], pad_id, True) for s in steps for micro in s]
     response_tokens = sum(ex.n_trained for ex in train_ex)

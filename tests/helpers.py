@@ -72,6 +72,29 @@ def read_metrics(run_dir: Path, key: str | None = None) -> list[dict]:
     return [r for r in rows if key is None or key in r]
 
 
+def train_with(args: list[str], progress: bool = True, **hooks):
+    """``qlorakit train ARGS`` through the library rather than the command line, with some of the loop's
+    collaborators replaced (the fields of qlorakit.train.setup.Hooks: evaluate, accumulate, free_memory). Returns the
+    RunResult; a UserError is raised, not printed."""
+    from qlorakit.config import build_config
+    from qlorakit.train.loop import Hooks, train
+
+    return train(build_config(args), progress=progress, hooks=Hooks(**hooks))
+
+
+def scripted_eval(values: list[float]):
+    """An ``evaluate`` hook for ``train_with`` that returns ``values`` in turn as eval losses instead of evaluating."""
+    import math
+
+    it = iter(values)
+
+    def evaluate(model, examples, **kw):
+        v = next(it)
+        return {"eval_loss": v, "eval_perplexity": math.exp(v), "eval_tokens": 10}
+
+    return evaluate
+
+
 def adapter_weights(run_dir: Path, only_b: bool = False) -> dict:
     """The adapter tensors of a run (or a checkpoint), or only its lora_B ones."""
     w = load_file(Path(run_dir) / "adapter_model.safetensors")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,27 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from helpers import airoboros_rows, write_jsonl
+from helpers import adapter_weights as adapter
+from helpers import airoboros_rows, read_metrics, rel_diff, scripted_eval, train_with, write_jsonl
 from qlorakit.cli import main
 from qlorakit.config import build_config, save_config
 from qlorakit.train import checkpoint as ckpt
-from qlorakit.train import loop
-from helpers import rel_diff
+from qlorakit.train.fit import StopRequest
 
 RESUME = ["--optim", "adamw_torch", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.25", "--lora_dropout", "0.1",
           "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--per_device_train_batch_size", "2",
           "--learning_rate", "0.01", "--eval_dataset_size", "0"]
-
-
-def adapter(path: Path, only_b: bool = False) -> dict:
-    w = load_file(path / "adapter_model.safetensors")
-    return {k: v for k, v in w.items() if "lora_B" in k or not only_b}
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
 
 
 def start_train(args: list[str], log: Path) -> subprocess.Popen:
@@ -82,10 +72,10 @@ def test_resume_after_sigkill_is_exact(tiny_llama, tmp_path):
 
     assert rel_diff(adapter(full, only_b=True), adapter(killed, only_b=True)) < 1e-3  # B starts at 0: all learned
     assert rel_diff(adapter(full), adapter(killed)) < 1e-3
-    resumed = [r for r in metrics(killed) if "loss" in r]
+    resumed = read_metrics(killed, "loss")
     assert [r["step"] for r in resumed] == list(range(1, 9))  # one row per step, none twice
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in metrics(full)], rel=1e-5)
-    assert [r["learning_rate"] for r in resumed] == pytest.approx([r["learning_rate"] for r in metrics(full)])
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in read_metrics(full)], rel=1e-5)
+    assert [r["learning_rate"] for r in resumed] == pytest.approx([r["learning_rate"] for r in read_metrics(full)])
 
 
 class _FailingSave:
@@ -139,8 +129,74 @@ def test_failed_save_leaves_previous_checkpoint_usable(what, tiny_llama, tmp_pat
         assert err.count("\n") == 1
 
     assert main([*args, "--resume_from_checkpoint", "latest"]) == 0  # checkpoint-1 loads and the run completes
-    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(out, "loss")] == [1, 2, 3]
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 700 KB tmpfs: one checkpoint of the tiny run (about 460 KB) fits, the next one's adapter fits, and its
+    optimizer state (280 KB) does not. Mounting needs root or CAP_SYS_ADMIN; elsewhere the test is skipped."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None or shutil.which("umount") is None:
+        pytest.skip("no mount/umount command to make a small tmpfs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:  # lazily where a failed test's traceback still holds a file open on it
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def test_a_real_full_disk_during_a_save_stops_with_one_line(small_disk, tiny_llama, tmp_path, capsys):
+    """torch.save of the optimizer state on a full disk raises a RuntimeError from torch's zip writer (no errno);
+    the run ends with the one-line message, and the previous checkpoint is whole."""
+    import torch
+
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(6))
+    out = small_disk / "run"
+    assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+                 "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size",
+                 "2", "--learning_rate", "0.01", "--save_total_limit", "0"]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert "saving checkpoint-2 failed: writing optimizer.pt failed" in errors[0], errors[0]
+    assert "inline_container.cc" in errors[0] and "checkpoint-1 is intact" in errors[0]
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no temp folder
+    saved = out / "checkpoint-1"
+    assert adapter(saved) and torch.load(saved / "optimizer.pt", weights_only=True)["state"]
+
+
+class _Adapter:
+    """What save_checkpoint asks of a model."""
+
+    def save_pretrained(self, path, state_dict=None):
+        (Path(path) / "adapter_model.safetensors").write_bytes(b"")
+
+
+@pytest.mark.parametrize("message,raised", [("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0",
+                                             OSError), ("basic_ios::clear: iostream error", OSError),
+                                            ("some other failure", RuntimeError)])
+def test_only_torch_write_failures_count_as_a_failed_write(tmp_path, monkeypatch, message, raised):
+    import torch
+
+    def failing_save(obj, f, *a, **kw):
+        raise RuntimeError(message)
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(raised) as e:
+        ckpt.save_checkpoint(tmp_path, _Adapter(), optimizer, scheduler, ckpt.TrainState(step=1), build_config([]))
+    assert type(e.value) is raised and message in str(e.value)
+    assert raised is RuntimeError or "writing optimizer.pt failed" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # the partial checkpoint is gone either way
 
 
 def test_partial_saves_of_a_killed_run_are_cleaned_or_recovered(tmp_path):
@@ -166,30 +222,57 @@ def test_resume_refuses_changed_keys_by_name(tmp_path):
         ckpt.check_resumable(c, build_config([*args, "--learning_rate", "1e-3", "--lora_r", "8"]))
     default_lr = build_config(args).learning_rate
     assert f"learning_rate ({default_lr} -> 0.001)" in str(e.value) and "lora_r (16 -> 8)" in str(e.value)
+    # where the run ends may change (check_total_steps refuses an end before the checkpoint)
+    ckpt.check_resumable(c, build_config([*args, "--num_train_epochs", "5", "--max_steps", "40"]))
 
 
-def _fake_eval(monkeypatch, values: list[float]):
-    it = iter(values)
+def test_more_epochs_continue_a_finished_run_and_fewer_are_refused(tiny_llama, tmp_path, capsys, caplog):
+    """A finished 1-epoch run (2 steps, linear decay) resumed from its last checkpoint with 2 epochs trains steps 3
+    and 4 on the new schedule, stepped to step 2: 0.01 x (1 - 2/4) and 0.01 x (1 - 3/4). Then 1 epoch again is
+    below checkpoint-4's step: refused in one line."""
+    import logging
 
-    def fake(model, examples, **kw):
-        v = next(it)
-        return {"eval_loss": v, "eval_perplexity": math.exp(v), "eval_tokens": 10}
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(4))
+    out = tmp_path / "run"
+    args = ["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--learning_rate", "0.01", "--lr_scheduler_type", "linear",
+            "--warmup_ratio", "0", "--eval_dataset_size", "0", "--save_strategy", "epoch", "--optim", "adamw_torch"]
+    assert main([*args, "--num_train_epochs", "1"]) == 0
+    first = read_metrics(out, "loss")
+    assert [(r["step"], r["learning_rate"]) for r in first] == [(1, 0.01), (2, 0.005)]
 
-    monkeypatch.setattr(loop, "eval_loss", fake)
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        assert main([*args, "--num_train_epochs", "2", "--resume_from_checkpoint", "latest"]) == 0
+    rows = read_metrics(out, "loss")
+    assert rows[:2] == first and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["learning_rate"] for r in rows[2:]] == pytest.approx([0.005, 0.0025])
+    assert ("schedule: 4 steps in all instead of the checkpoint's 2; the linear learning-rate schedule is rebuilt for "
+            "4 steps and continues at step 2 (lr 5.00e-03)") in caplog.text
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["total_steps"]) == (4, 2, 4)
+
+    capsys.readouterr()
+    assert main([*args, "--num_train_epochs", "1", "--resume_from_checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"cannot resume from {out / 'checkpoint-4'}: it is at step 4, past the 2 steps of this run " \
+           "(num_train_epochs 1); raise num_train_epochs or max_steps" in err
 
 
-def test_save_total_limit_prunes_oldest_never_best_nor_newest(tiny_llama, tmp_path, monkeypatch, caplog):
+def test_save_total_limit_prunes_oldest_never_best_nor_newest(tiny_llama, tmp_path, caplog):
     import logging
 
     data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(10))
     out = tmp_path / "run"
-    _fake_eval(monkeypatch, [3.0, 1.0, 2.0, 4.0])  # the best is step 2
     with caplog.at_level(logging.INFO, logger="qlorakit"):
-        assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
-                     str(out), "--eval_dataset_size", "2", "--eval_strategy", "steps", "--eval_steps", "1",
-                     "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1", "--max_steps", "4",
-                     "--per_device_train_batch_size", "2", "--learning_rate", "0.01",
-                     "--load_best_model_at_end", "true"]) == 0
+        result = train_with(["--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+                            "--eval_dataset_size", "2", "--eval_strategy", "steps", "--eval_steps", "1",
+                            "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1",
+                            "--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "0.01",
+                            "--load_best_model_at_end", "true"],
+                            evaluate=scripted_eval([3.0, 1.0, 2.0, 4.0]))  # the best is step 2
+    assert (result.stopped, result.best_step) == ("finished", 2)
     # limit 1 keeps the best and, so that a resume loses nothing, the newest
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
     assert "removed checkpoint-1 (save_total_limit 1)" in caplog.text
@@ -224,13 +307,13 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_llama, tmp_path)
     assert not (out / "adapter_model.safetensors").exists()  # not mistaken for a finished run
 
     assert main(["train", *common, "--resume_from_checkpoint", "latest"]) == 0
-    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(out, "loss")] == [1, 2, 3, 4, 5]
     assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_second_ctrl_c_aborts_at_once():
     before = signal.getsignal(signal.SIGINT)
-    with loop.StopRequest() as stop:
+    with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested == "SIGINT"  # the first asks for a checkpoint at the step's end
         with pytest.raises(KeyboardInterrupt):

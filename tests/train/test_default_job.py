@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from helpers import read_metrics
 from qlorakit.cli import main
 
 
@@ -25,7 +26,7 @@ def test_default_job_one_step_loads_with_plain_peft(tmp_path):
     ids = tok("USER: Hello ASSISTANT:", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     assert rows[0]["step"] == 1 and rows[0]["loss"] > 0
     card = (out / "README.md").read_text()
     assert "license: apache-2.0" in card and "qlorakit-sample-airoboros" in card

@@ -1,13 +1,12 @@
 """Data parallel under torchrun, on CPU (gloo), with real processes: 2 ranks x 2 examples each equal 1 process x
-batch 2 x GA 2, with DDP and with FSDP2; a resumed 2-process run equals an uninterrupted one; each rank reads its own
-slice of every step, and a rank left without examples in a short last step still joins the collectives.
+batch 2 x GA 2, with DDP and with FSDP2; a resumed 2-process run equals an uninterrupted one; a rank left without
+examples in a short last step still joins the collectives (each rank's slice of a step: test_schedule.py).
 
 Each torchrun of the tiny model costs 20-45 s on a 2-core machine, so the runs are few and each checks several things.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,11 +15,9 @@ import sys
 import pytest
 import torch
 
-from helpers import airoboros_rows, write_jsonl
-from helpers import SGD_ONE_STEP, lora_b, rel_diff
+from helpers import SGD_ONE_STEP, airoboros_rows, lora_b, read_metrics, rel_diff, write_jsonl
 from qlorakit.cli import main
-from qlorakit.data.batching import collate, epoch_order, plan_steps
-from qlorakit.train.distributed import shard_step
+from qlorakit.data.batching import collate
 
 SGD_TWO_STEPS = [("2" if SGD_ONE_STEP[i - 1] == "--max_steps" else a) for i, a in enumerate(SGD_ONE_STEP)]
 
@@ -47,34 +44,10 @@ def train_2proc(args: list[str], *, via_nproc: bool = False, timeout: int = 300)
 
 
 def metric_rows(run_dir, key: str) -> dict[int, dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if key in r}
+    return {r["step"]: r for r in read_metrics(run_dir, key)}
 
 
 # --- each rank's share of a step -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("n,world,micro,accum", [(16, 2, 2, 1), (5, 2, 2, 1), (7, 2, 1, 2), (9, 3, 2, 2),
-                                                 (1, 4, 1, 1), (13, 2, 3, 2), (6, 2, 2, 1)])
-def test_each_rank_reads_its_own_slice(n, world, micro, accum):
-    order = epoch_order(n, seed=3, epoch=0)
-    seen = []
-    for (step,) in plan_steps(order, micro * accum * world, 1):
-        per_rank = [shard_step(step, r, world, micro, accum) for r in range(world)]
-        # every rank runs as many forward/backward passes as rank 0, or DDP/FSDP collectives would wait forever
-        assert len({len(b) for b in per_rank}) == 1
-        assert all(len(b) <= accum and all(len(mb) <= micro for mb in b) for b in per_rank)
-        got = [i for b in per_rank for mb in b for i in mb]
-        assert got == step  # rank r holds the r-th consecutive slice of the step
-        seen += got
-    assert sorted(seen) == list(range(n))  # no example duplicated or dropped
-
-
-def test_short_last_step_leaves_a_rank_empty_but_in_step():
-    assert shard_step([4], 0, 2, 2, 1) == [[4]]
-    assert shard_step([4], 1, 2, 2, 1) == [[]]  # no example: one zero-weighted pass
-    assert shard_step([4, 5, 6], 0, 2, 1, 2) == [[4], [5]]
-    assert shard_step([4, 5, 6], 1, 2, 1, 2) == [[6], []]  # fewer micro-batches: padded to rank 0's count
-
 
 def test_zero_weighted_micro_batch_adds_nothing(tiny_llama, tokenizer, tmp_path):
     """The filler pass of an empty rank: forward and backward run, gradients and loss are untouched."""

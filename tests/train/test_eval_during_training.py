@@ -3,19 +3,13 @@ early stopping, and the best epoch named in the log and the model card."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
 from safetensors.torch import load_file
 
-from helpers import airoboros_rows, write_jsonl
+from helpers import airoboros_rows, read_metrics, scripted_eval, train_with, write_jsonl
 from qlorakit.cli import main
-from qlorakit.train import loop
-
-
-def rows(run_dir) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
 
 
 def test_eval_steps_with_an_eval_file(tiny_llama, tmp_path, caplog):
@@ -28,13 +22,13 @@ def test_eval_steps_with_an_eval_file(tiny_llama, tmp_path, caplog):
                      "--max_steps", "5", "--per_device_train_batch_size", "2", "--save_strategy", "no",
                      "--learning_rate", "0.01"]) == 0
     assert f"eval: 3 rows from {held}" in caplog.text
-    evals = [r for r in rows(out) if "eval_loss" in r]
+    evals = read_metrics(out, "eval_loss")
     # every eval_steps, and once more at the end (4 steps per epoch)
     assert [(r["step"], r["epoch"]) for r in evals] == [(2, 0.5), (4, 1.0), (5, 1.25)]
     for r in evals:
         assert {"step", "epoch", "eval_loss", "eval_perplexity"} <= set(r)
         assert math.isfinite(r["eval_loss"]) and r["eval_perplexity"] == math.exp(r["eval_loss"])
-    assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in read_metrics(out, "loss")] == [1, 2, 3, 4, 5]
     best = min(evals, key=lambda r: r["eval_loss"])
     assert (f"best eval loss {best['eval_loss']:.4f} at step {best['step']} (epoch {best['epoch']:.2f})"
             in caplog.text)
@@ -45,26 +39,20 @@ def test_eval_steps_with_an_eval_file(tiny_llama, tmp_path, caplog):
         assert f"| {r['step']} | {r['epoch']:.2f} | {r['eval_loss']:.4f} |" in card
 
 
-def test_early_stopping_leaves_the_best_adapter_at_the_root(tiny_llama, tmp_path, monkeypatch, caplog):
+def test_early_stopping_leaves_the_best_adapter_at_the_root(tiny_llama, tmp_path, caplog):
     """The best evaluation (step 2) is not a save step: it is saved anyway, because load_best_model_at_end needs it;
     two evaluations without improvement stop the run at step 4 of 8."""
-    values = iter([2.0, 1.0, 3.0, 4.0, 5.0])
-
-    def fake_eval(model, examples, **kw):
-        v = next(values)
-        return {"eval_loss": v, "eval_perplexity": math.exp(v), "eval_tokens": 10}
-
-    monkeypatch.setattr(loop, "eval_loss", fake_eval)
     data = write_jsonl(tmp_path / "train.jsonl", airoboros_rows(10))
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="qlorakit"):
-        assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
-                     str(out), "--eval_dataset_size", "2", "--eval_strategy", "steps", "--eval_steps", "1",
-                     "--early_stopping_patience", "2", "--load_best_model_at_end", "true", "--save_strategy",
-                     "steps", "--save_steps", "3", "--max_steps", "8", "--per_device_train_batch_size", "2",
-                     "--learning_rate", "0.01"]) == 0
-    assert [r["step"] for r in rows(out) if "loss" in r] == [1, 2, 3, 4]  # stopped early
-    assert [r["eval_loss"] for r in rows(out) if "eval_loss" in r] == [2.0, 1.0, 3.0, 4.0]
+        result = train_with(["--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
+                             str(out), "--eval_dataset_size", "2", "--eval_strategy", "steps", "--eval_steps", "1",
+                             "--early_stopping_patience", "2", "--load_best_model_at_end", "true", "--save_strategy",
+                             "steps", "--save_steps", "3", "--max_steps", "8", "--per_device_train_batch_size", "2",
+                             "--learning_rate", "0.01"], evaluate=scripted_eval([2.0, 1.0, 3.0, 4.0, 5.0]))
+    assert (result.stopped, result.best_step, result.best_eval_loss) == ("early_stopping", 2, 1.0)
+    assert [r["step"] for r in read_metrics(out, "loss")] == [1, 2, 3, 4]  # stopped early
+    assert [r["eval_loss"] for r in read_metrics(out, "eval_loss")] == [2.0, 1.0, 3.0, 4.0]
     assert "early stopping" in caplog.text
     assert (out / "checkpoint-2").is_dir()
     best, root = load_file(out / "checkpoint-2" / "adapter_model.safetensors"), load_file(

@@ -7,16 +7,11 @@ import json
 import pytest
 import torch
 
-from helpers import airoboros_rows, write_jsonl
+from helpers import airoboros_rows, read_metrics, write_jsonl
 from qlorakit.cli import main
 
 FAST = ["--max_steps", "10", "--learning_rate", "0.01", "--per_device_train_batch_size", "4",
         "--warmup_ratio", "0", "--save_strategy", "no", "--logging_steps", "1"]
-
-
-def losses(run_dir) -> list[float]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mpt"])
@@ -26,7 +21,7 @@ def test_tiny_model_trains_in_4bit_and_loss_falls(arch, request, tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--model_name_or_path", str(model_dir), "--dataset", str(data), "--output_dir", str(out),
                  "--eval_dataset_size", "0", *FAST, *(["--mpt", "true"] if arch == "mpt" else [])]) == 0
-    ls = losses(out)
+    ls = [r["loss"] for r in read_metrics(out, "loss")]
     assert len(ls) == 10
     assert sum(ls[-2:]) / 2 < 0.9 * sum(ls[:2]) / 2, ls
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -36,8 +31,7 @@ def test_tiny_model_trains_in_4bit_and_loss_falls(arch, request, tmp_path):
     else:
         assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"}
-    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "epoch", "loss", "learning_rate", "tokens_per_second"} <= set(metrics[0])
+    assert {"step", "epoch", "loss", "learning_rate", "tokens_per_second"} <= set(read_metrics(out)[0])
 
 
 def test_run_dir_loads_with_plain_peft(tiny_llama, tmp_path):
@@ -87,24 +81,39 @@ def test_eval_split_is_reported(tiny_llama, tmp_path, caplog):
     ("true", None, True, "asked for"),
     ("false", 64 * 1024, False, "asked for"),
 ])
-def test_gradient_checkpointing_only_where_memory_needs_it(tiny_llama, tmp_path, caplog, monkeypatch, setting,
-                                                           free, want_on, why):
+def test_gradient_checkpointing_only_where_memory_needs_it(tiny_llama, tmp_path, caplog, setting, free, want_on,
+                                                           why):
+    """The decision is logged and takes effect on the decoder layers (a device with 64 KiB free through the setup's
+    free_memory hook); a step runs either way."""
     import logging
 
-    import qlorakit.train.loop as loop
+    from qlorakit.config import build_config
+    from qlorakit.train.finish import finish
+    from qlorakit.train.fit import fit
+    from qlorakit.train.setup import Hooks, setup
 
-    calls = []
-    real = loop.enable_gradient_checkpointing
-    monkeypatch.setattr(loop, "enable_gradient_checkpointing", lambda m: (calls.append(m), real(m)))
-    if free is not None:
-        monkeypatch.setattr(loop, "free_memory", lambda device: free)
     data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(6))
+    cfg = build_config(["--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
+                        str(tmp_path / "r"), "--max_steps", "1", "--save_strategy", "no",
+                        "--gradient_checkpointing", setting])
     with caplog.at_level(logging.INFO, logger="qlorakit"):
-        assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
-                     str(tmp_path / "r"), "--max_steps", "1", "--save_strategy", "no",
-                     "--gradient_checkpointing", setting]) == 0
+        run = setup(cfg, hooks=Hooks(free_memory=lambda device: free) if free is not None else None)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("gradient checkpointing:"))
     assert line.startswith(f"gradient checkpointing: {'on' if want_on else 'off'} ({why}"), line
-    assert len(calls) == int(want_on)
-    if want_on:  # it took effect on the decoder layers
-        assert any(getattr(m, "gradient_checkpointing", False) for m in calls[0].modules())
+    recomputing = [m for m in run.model.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert bool(recomputing) == want_on  # it took effect on the decoder layers, or nothing recomputes
+    assert finish(run, fit(run)).steps == 1
+
+
+@pytest.mark.parametrize("where", ["file", "under a file"])
+def test_output_dir_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, capsys, where):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("not a run directory")
+    out = taken if where == "file" else taken / "run"
+    # no model at that path: an error about it would mean the model was loaded first
+    assert main(["train", "--model_name_or_path", str(tmp_path / "no-model"), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "error: output_dir: " in err and str(out) in err and "no-model" not in err
+    assert ("is a file, not a directory" in err) if where == "file" else ("cannot create" in err)
+    assert taken.read_text() == "not a run directory"

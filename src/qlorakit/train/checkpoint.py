@@ -23,10 +23,11 @@ from ..config import TrainConfig, save_config
 PREFIX = "checkpoint-"
 
 # Changing any of these changes which examples a step sees or how an update is computed, so a run resumed with
-# a different value would not be the run that was checkpointed.
+# a different value would not be the run that was checkpointed. num_train_epochs and max_steps may change: they
+# set where the run ends, which may not be before the checkpoint (check_total_steps).
 RESUME_KEYS = ("model_name_or_path", "dataset", "dataset_format", "prompt_format", "model_max_len", "truncation",
-               "train_on_source", "group_by_length", "eval_dataset_size", "eval_dataset", "num_train_epochs",
-               "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+               "train_on_source", "group_by_length", "eval_dataset_size", "eval_dataset",
+               "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "seed", "lora_r",
                "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant")
 
@@ -50,6 +51,13 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     eval_history: list = field(default_factory=list)
+
+    def advance(self, steps_in_epoch: int) -> None:
+        """Count one optimizer step taken; the last of an epoch's ``steps_in_epoch`` steps starts the next epoch."""
+        self.step += 1
+        self.step_in_epoch += 1
+        if self.step_in_epoch == steps_in_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -85,6 +93,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What torch's zip writer raises, as a RuntimeError without an errno, when a write fails (a full disk, an I/O error):
+# '[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0', 'PytorchStreamWriter failed writing file
+# data/0: file write failed', or its file stream's 'basic_ios::clear: iostream error'.
+WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed", "basic_ios::clear: iostream error")
+
+
+def _write_failed(e: RuntimeError) -> bool:
+    return any(m in str(e) for m in WRITE_FAILURES)
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save, with a failed write raised as the OSError it is (naming the file and the space left); any other
+    RuntimeError goes through unchanged."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        if not _write_failed(e):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(f"writing {path.name} failed with {free:,} bytes free on its disk (torch: "
+                      f"{str(e).splitlines()[0]})") from e
+
+
 def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
                     adapter_state: dict | None = None, optimizer_state: dict | None = None,
                     rank_rng_states: list | None = None) -> Path:
@@ -99,12 +130,12 @@ def save_checkpoint(output_dir: Path, model, optimizer, scheduler, state: TrainS
     try:
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp, state_dict=adapter_state)
-        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng_state.pt")
+        _torch_save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+        _torch_save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(rng_state(), tmp / "rng_state.pt")
         for r, rng in enumerate(rank_rng_states or []):
             if r > 0:
-                torch.save(rng, tmp / f"rng_state_{r}.pt")
+                _torch_save(rng, tmp / f"rng_state_{r}.pt")
         save_config(cfg, tmp / "qlorakit_config.yaml")
         (tmp / "trainer_state.json").write_text(state.to_json())
         _fsync_tree(tmp)
@@ -187,6 +218,20 @@ def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
         detail = ", ".join(f"{k} ({getattr(old, k)!r} -> {getattr(cfg, k)!r})" for k in changed)
         raise CheckpointError(f"cannot resume from {ckpt}: changed {detail}; use the checkpoint's values or "
                               "start a new run")
+
+
+def check_total_steps(ckpt: Path, cfg: TrainConfig, total_steps: int) -> None:
+    """Refuse a run that would end before the checkpoint's step (num_train_epochs or max_steps lowered past it)."""
+    try:
+        step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {str(e)[:120]}); resume from an "
+                              "earlier checkpoint") from None
+    if total_steps < step:
+        setting = f"max_steps {cfg.max_steps}" if cfg.max_steps > 0 else f"num_train_epochs {cfg.num_train_epochs:g}"
+        raise CheckpointError(f"cannot resume from {ckpt}: it is at step {step}, past the {total_steps} steps of "
+                              f"this run ({setting}); raise num_train_epochs or max_steps to reach step {step} at "
+                              "least, or start a new run")
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, load_adapter=None,

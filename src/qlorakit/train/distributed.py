@@ -1,5 +1,6 @@
-"""Wrapping the model for torchrun: DDP by default, FSDP2 with ``--fsdp true``; each rank's share of a step; the
-adapter and optimizer state gathered from (and scattered back to) the ranks for checkpoints.
+"""Wrapping the model for torchrun: DDP by default, FSDP2 with ``--fsdp true``; the model under its wrapper; the
+adapter and optimizer state gathered from (and scattered back to) the ranks for checkpoints. (Each rank's share of a
+step is planned in schedule.py.)
 
 Under FSDP2 every LoRA parameter is a ``DTensor`` holding this rank's rows. Gathering full tensors is a collective,
 so ``adapter_state`` and ``optimizer_state`` must be called by every rank, in the same order; they return the full
@@ -8,16 +9,14 @@ CPU tensors on rank 0 (and what the other ranks get is not used). Without FSDP t
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import processes as dist
+from . import processes
 from ..config import TrainConfig
 from ..errors import UserError
 
 
-def wrap_model(model, cfg: TrainConfig, info: dist.DistInfo, device: torch.device):
+def wrap_model(model, cfg: TrainConfig, info: processes.DistInfo, device: torch.device):
     """``model`` unchanged in one process; DDP (or FSDP2) over the torchrun process group otherwise."""
     if not info.enabled:
         if cfg.fsdp:
@@ -59,22 +58,6 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
             continue
         return list(obj)
     raise UserError(f"fsdp: cannot find the decoder layers of {type(model).__name__}")
-
-
-def shard_step(step: list[int], rank: int, world_size: int, micro: int, accum: int) -> list[list[int]]:
-    """This rank's micro-batches of one optimizer step (``step``: the example indices of the whole step).
-
-    Rank r takes the r-th slice of ``micro * accum`` consecutive examples. A short last step leaves later ranks
-    fewer examples or none; their list is padded with empty micro-batches up to the count of rank 0 (the busiest),
-    because every rank must run as many forward and backward passes as the others: DDP all-reduces in the last
-    backward and FSDP gathers parameters in every forward. The caller runs an empty micro-batch as a zero-weighted
-    forward and backward of some example, which adds nothing to the gradients but joins the collectives.
-    """
-    per_rank = micro * accum
-    mine = step[rank * per_rank:(rank + 1) * per_rank]
-    batches = [mine[j:j + micro] for j in range(0, len(mine), micro)]
-    busiest = math.ceil(min(len(step), per_rank) / micro)
-    return batches + [[] for _ in range(busiest - len(batches))]
 
 
 def is_fsdp(model) -> bool:

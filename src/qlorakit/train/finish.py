@@ -1,9 +1,11 @@
-"""What a finished run leaves at its output_dir's root: adapter, tokenizer, config, prompt format, card."""
+"""Finish: what a run leaves at its output_dir's root (adapter, tokenizer, config, prompt format, card), or, when a
+signal stopped it, the line that says how to resume."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from .card import write_card
@@ -11,11 +13,44 @@ from ..config import TrainConfig, save_config
 from ..data.formats import Message
 from ..data.templates import render_text, stop_text
 from . import checkpoint as ckpt
+from . import processes
+from .distributed import adapter_state as gather_adapter, is_fsdp, unwrap
+from .fit import FitOutcome
 from .progress import Metrics
+from .setup import Run
 
 log = logging.getLogger("qlorakit")
 
 EXAMPLE = (Message("user", "{instruction}"), Message("assistant", "{response}"))
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    steps: int
+    final_loss: float | None
+    stopped: str  # "finished", "early_stopping", "interrupted"
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+
+
+def finish(run: Run, outcome: FitOutcome) -> RunResult:
+    """Write the run directory (rank 0), or after a signal say how to resume; leave the process group."""
+    state, info, out = run.state, run.info, run.out
+    result = RunResult(out, state.step, outcome.last_loss, outcome.stopped, state.best_step, state.best_eval_loss)
+    if outcome.stopped == "interrupted":
+        if info.is_main:
+            log.warning("stopped by %s at step %d and saved %s; to continue, run the same command with "
+                        "--resume_from_checkpoint latest", outcome.signal or "a signal to another process",
+                        state.step, out / f"{ckpt.PREFIX}{state.step}")
+        processes.shutdown(info)
+        return result
+    adapter = gather_adapter(run.model) if is_fsdp(run.model) else None  # gathered by every rank
+    if info.is_main:
+        write_run_dir(run.cfg, run.model, run.tokenizer, out, state, outcome.stopped, adapter_state=adapter)
+    processes.barrier(info)
+    processes.shutdown(info)
+    return result
 
 
 def prompt_format_record(cfg: TrainConfig, tokenizer) -> dict:
@@ -51,7 +86,7 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
 def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.TrainState, stopped: str,
                   adapter_state: dict | None = None) -> None:
     """``adapter_state``: the adapter gathered from the ranks where the model is sharded (FSDP); else None."""
-    peft_model = getattr(model, "module", model)
+    peft_model = unwrap(model)
     if cfg.load_best_model_at_end and state.best_step is not None and state.best_step != state.step:  # else: in memory
         best = out / f"{ckpt.PREFIX}{state.best_step}"
         if best.is_dir():

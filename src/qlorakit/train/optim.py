@@ -38,6 +38,10 @@ def lr_factor(step: int, total_steps: int, warmup: int, kind: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def build_scheduler(optimizer, total_steps: int, warmup_ratio: float, kind: str):
+def build_scheduler(optimizer, total_steps: int, warmup_ratio: float, kind: str, done_steps: int = 0):
+    """The schedule of a ``total_steps`` run. ``done_steps`` > 0: the schedule as it stands after that many steps,
+    for a resumed run whose length changed; the optimizer's groups must hold their ``initial_lr`` (a checkpoint's
+    optimizer state does)."""
     warm = warmup_steps(total_steps, warmup_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warm, kind))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warm, kind),
+                                             last_epoch=done_steps - 1)

@@ -1,4 +1,4 @@
-"""One optimizer step's forward and backward, with the loss normalized by trained tokens.
+"""One optimizer step: forward and backward with the loss normalized by trained tokens, and the non-finite policy.
 
 The loss of an optimizer step is the sum of per-token losses over ALL its micro-batches (and ranks) divided by the
 number of trained tokens in all of them. Each micro-batch's summed loss is divided by that global count before
@@ -11,11 +11,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from ..data.batching import collate
 from ..data.tokenize import IGNORE
+from ..errors import UserError
+from . import checkpoint as ckpt
+from . import processes
+from .distributed import unwrap
+from .schedule import ScheduledStep
+
+if TYPE_CHECKING:
+    from .setup import Run
+
+
+class TrainingStopped(UserError):
+    """The run ended early for a reason the user must see (non-finite numbers, a failed save)."""
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -26,7 +42,7 @@ def autocast(device: torch.device, enabled: bool):
 
 def _causal_lm(model):
     """The transformers model under peft/DDP/FSDP wrappers."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
@@ -89,3 +105,67 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.devi
             (loss * (weights[i] * grad_scale / n_tokens)).backward()
         total += weights[i] * float(loss.detach())
     return total
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did (every number summed over the ranks)."""
+
+    loss: float  # summed per-token loss / trained_tokens; NaN or inf when the step was skipped for it
+    trained_tokens: int  # positions with a target
+    tokens_seen: int  # real token positions (padding excluded)
+    grad_norm: float  # before clipping
+    learning_rate: float  # the rate this step's update used
+    skipped: bool  # the loss or the gradient norm was not finite, so no update was made
+
+
+def step_batches(run: Run, step: ScheduledStep) -> tuple[list[dict], list[float], list[dict]]:
+    """This rank's micro-batches of ``step``, collated; their weights; and the real ones among them. A rank with no
+    example left runs a filler (the step's shortest example) with weight 0, only to join the collectives."""
+    ex = run.train_ex
+    filler = [min(step.examples, key=lambda i: len(ex[i]))]
+    batches = [collate([ex[i] for i in (ids or filler)], run.pad_id, run.packing) for ids in step.micro_batches]
+    weights = [1.0 if ids else 0.0 for ids in step.micro_batches]
+    return batches, weights, [b for b, ids in zip(batches, step.micro_batches) if ids]
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].numel() if "attention_mask" not in batch else batch["attention_mask"].sum())
+
+
+def optimizer_step(run: Run, step: ScheduledStep) -> StepResult:
+    """Forward and backward this rank's share of ``step``, clip the gradients, update the adapter and advance the
+    learning-rate schedule. A non-finite loss or gradient norm skips the update (``skip_nonfinite``)."""
+    info, device, cfg = run.info, run.device, run.cfg
+    batches, weights, real = step_batches(run, step)
+    n_tokens = int(processes.all_sum(count_trained(real), info, device))
+    summed = run.hooks.accumulate(run.model, batches, device, run.use_bf16, n_tokens, grad_scale=info.world_size,
+                                  weights=weights)
+    loss = processes.all_sum(summed, info, device) / n_tokens
+    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+    lr = run.scheduler.get_last_lr()[0]
+    finite = math.isfinite(loss) and bool(torch.isfinite(norm))
+    if finite:
+        run.optimizer.step()
+        run.state.nonfinite_in_a_row = 0
+    else:
+        skip_nonfinite(run, loss, float(norm))
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    seen = int(processes.all_sum(sum(real_tokens(b) for b in real), info, device))
+    return StepResult(loss, n_tokens, seen, float(norm), lr, skipped=not finite)
+
+
+def skip_nonfinite(run: Run, loss: float, norm: float) -> None:
+    """The non-finite policy: the update is not made and the step is counted; ``max_nonfinite_steps`` such steps in
+    a row stop the run (TrainingStopped), naming the last good checkpoint."""
+    state = run.state
+    state.nonfinite_in_a_row += 1
+    state.skipped_steps += 1
+    run.bar.write(f"step {state.step + 1}: non-finite loss {loss} or gradient norm {norm}; update skipped")
+    if state.nonfinite_in_a_row >= run.cfg.max_nonfinite_steps:
+        last = ckpt.list_checkpoints(run.out)
+        raise TrainingStopped(
+            f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at "
+            f"step {state.step + 1}); lower learning_rate or check the data"
+            + (f"; the last good checkpoint is {last[-1]}" if last else ""))

@@ -1,0 +1,173 @@
+"""Fit: the step loop. Each step is planned by ``schedule``, run by ``step.optimizer_step``, logged, and followed by
+the evaluations and saves the schedule's predicates ask for; a signal ends the run with a checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from . import checkpoint as ckpt
+from . import processes
+from .distributed import adapter_state, optimizer_state, unwrap
+from .schedule import should_evaluate, should_evaluate_at_end, should_log, should_save
+from .setup import Run
+from .step import StepResult, TrainingStopped, optimizer_step
+
+log = logging.getLogger("qlorakit")
+
+
+class StopRequest:
+    """SIGTERM or a first Ctrl-C asks for a checkpoint at the next step boundary; a second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint at the end of this step (Ctrl-C again to abort now)",
+                    self.requested)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class FitOutcome:
+    stopped: str = "finished"  # "finished", "early_stopping", "interrupted"
+    last_loss: float | None = None
+    signal: str | None = None  # the signal that interrupted this process (None: it reached another rank)
+
+
+class Throughput:
+    """Real tokens per second since the last logged step."""
+
+    def __init__(self):
+        self.tokens, self.since = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def take(self) -> float:
+        """Tokens per second since the last call (or the start), and start counting again."""
+        elapsed = time.perf_counter() - self.since
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.tokens, self.since = 0, time.perf_counter()
+        return rate
+
+
+def fit(run: Run) -> FitOutcome:
+    """Train from ``run.state`` to ``run.total_steps``, or until early stopping or a signal; then evaluate the last
+    step unless it was just evaluated (or the run was interrupted)."""
+    state, outcome, meter = run.state, FitOutcome(), Throughput()
+    run.model.train()
+    with StopRequest() as stop:
+        while state.step < run.total_steps and outcome.stopped == "finished":
+            steps = run.epoch_steps(state.epoch)
+            for scheduled in steps[state.step_in_epoch:]:
+                result = optimizer_step(run, scheduled)
+                state.advance(len(steps))
+                outcome.last_loss = result.loss
+                log_step(run, result, meter)
+                outcome.stopped = evaluate_and_save(run, stop)
+                if state.step >= run.total_steps or outcome.stopped != "finished":
+                    break
+    outcome.signal = stop.requested
+    run.bar.close()
+    if outcome.stopped != "interrupted" and run.eval_ex:
+        last_eval = state.eval_history[-1]["step"] if state.eval_history else None
+        if should_evaluate_at_end(run.cfg, state.step, last_eval) and evaluate(run):
+            outcome.stopped = "early_stopping"
+    return outcome
+
+
+def log_step(run: Run, result: StepResult, meter: Throughput) -> None:
+    """A metrics row and a progress line every ``logging_steps`` steps and at the last."""
+    meter.add(result.tokens_seen)
+    step = run.state.step
+    if not should_log(run.cfg, step, run.total_steps):
+        return
+    epoch, tok_s = round(step / run.steps_per_epoch, 4), meter.take()
+    run.metrics.write({"step": step, "epoch": epoch, "loss": result.loss, "learning_rate": result.learning_rate,
+                       "grad_norm": result.grad_norm, "tokens_per_second": tok_s,
+                       "trained_tokens": result.trained_tokens})
+    run.bar.update(step, epoch, result.loss, result.learning_rate, tok_s)
+
+
+def evaluate_and_save(run: Run, stop: StopRequest) -> str:
+    """The evaluation and the checkpoint this step calls for; how the run goes on ("finished": it does)."""
+    state, cfg = run.state, run.cfg
+    epoch_end = state.step_in_epoch == 0
+    stopped = "finished"
+    if should_evaluate(cfg, state.step, epoch_end) and evaluate(run):
+        stopped = "early_stopping"
+    # A signal reaches the ranks at different moments: they agree on it, or they would part ways.
+    stopping = processes.any_rank(stop.requested is not None, run.info, run.device)
+    if should_save(cfg, state.step, epoch_end, best_step=state.best_step, stopping=stopping):
+        save(run)  # the best evaluation is always saved, because load_best_model_at_end must find it
+    return "interrupted" if stopping else stopped
+
+
+def evaluate(run: Run) -> bool:
+    """The held-out loss at this step: a metrics row, a line, the best so far updated. True when early stopping's
+    patience has run out."""
+    state, cfg = run.state, run.cfg
+    if not run.eval_ex:
+        return False
+    res = run.hooks.evaluate(run.model, run.eval_ex, batch_size=cfg.per_device_eval_batch_size, pad_id=run.pad_id,
+                             packing=run.packing, device=run.device, use_bf16=run.use_bf16)
+    row = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4), **res}
+    run.metrics.write(row)
+    state.eval_history.append(row)
+    run.bar.write(f"eval at step {state.step}: loss {res['eval_loss']:.4f} perplexity {res['eval_perplexity']:.2f}")
+    if state.best_eval_loss is None or res["eval_loss"] < state.best_eval_loss:
+        state.best_eval_loss, state.best_step, state.evals_without_improvement = res["eval_loss"], state.step, 0
+        return False
+    state.evals_without_improvement += 1
+    if not (cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience):
+        return False
+    if run.info.is_main:
+        log.info("early stopping: no lower eval loss in %d evaluations; the best was at step %d",
+                 state.evals_without_improvement, state.best_step)
+    return True
+
+
+def save(run: Run) -> None:
+    """``checkpoint-STEP`` (every rank gathers its share; rank 0 writes), then the oldest pruned."""
+    adapter = adapter_state(run.model)
+    opt_state = optimizer_state(run.model, run.optimizer)  # every rank: gathers under FSDP
+    rank_rngs = processes.gather_objects(ckpt.rng_state(), run.info)
+    if run.info.is_main:
+        write_checkpoint(run, adapter, opt_state, rank_rngs)
+    processes.barrier(run.info)
+
+
+def write_checkpoint(run: Run, adapter: dict, opt_state: dict, rank_rngs: list) -> None:
+    """Rank 0's part of ``save``. A failed write ends the run with one line; the previous checkpoint is intact."""
+    from safetensors import SafetensorError
+
+    state, out, cfg = run.state, run.out, run.cfg
+    try:
+        ckpt.save_checkpoint(out, unwrap(run.model), run.optimizer, run.scheduler, state, cfg,
+                             adapter_state=adapter, optimizer_state=opt_state, rank_rng_states=rank_rngs)
+    except (OSError, SafetensorError) as e:  # SafetensorError: an I/O error writing the adapter
+        last = ckpt.list_checkpoints(out)
+        keep = f"; {last[-1].name} is intact" if last else ""
+        why = getattr(e, "strerror", None) or e
+        raise TrainingStopped(f"saving checkpoint-{state.step} failed: {why}{keep}") from None
+    best = out / f"{ckpt.PREFIX}{state.best_step}" if state.best_step is not None else None
+    for gone in ckpt.prune_checkpoints(out, cfg.save_total_limit, best):
+        log.info("removed %s (save_total_limit %d)", gone.name, cfg.save_total_limit)
