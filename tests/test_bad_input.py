@@ -199,7 +199,7 @@ def test_bad_run_command_arguments(argv, want, capsys):
 COMMANDS = ["train", "data", "merge", "export", "chat", "generate", "eval", "plan"]
 
 
-@pytest.mark.parametrize("command", COMMANDS[:-1])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_describes_every_option(command, capsys):
     """``qlorakit CMD --help`` exits 0 and gives each option a description; no model is loaded for it."""
     from qlorakit import cli

@@ -43,7 +43,7 @@ COMMANDS = {
                         "answer a JSONL of prompts"),
     "eval": Command("qlorakit.evaluate.command", "eval_main", "eval RUN_DIR --dataset FILE",
                     "loss, perplexity and answer scores, base vs tuned"),
-    "plan": Command("qlorakit.plan.command", "plan_main", "plan MODEL [--key value ...]",
+    "plan": Command("qlorakit.plan.command", "plan_main", "plan MODEL [--config run.yaml] [--key value ...]",
                     "peak memory per device before you rent GPUs"),
 }
 
