@@ -133,8 +133,8 @@ def _coerce(key: str, value, source: str):
         if typ is int:
             if isinstance(value, bool):
                 raise ValueError
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError  # YAML's 2.5 is not silently 2
             return int(value)
         if typ is float:
             if isinstance(value, bool):
@@ -317,7 +317,7 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    """The resolved config a run wrote to ``run_dir/config.yaml``."""
+    """The resolved config a run wrote to ``run_dir/qlorakit_config.yaml``."""
     p = Path(run_dir) / "qlorakit_config.yaml"
     if not p.is_file():
         raise ConfigError(f"{run_dir} is not a qlorakit run directory (no qlorakit_config.yaml); "
