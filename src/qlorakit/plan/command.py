@@ -56,7 +56,31 @@ def _auto_or_boolean(text: str) -> bool | str:
     return "auto" if text.lower() == "auto" else boolean(text)
 
 
+# The train keys the plan reads: (value type, metavar or None for the choices, choices, the planner's old name).
+TRAIN_KEYS = {
+    "bits": (integer, None, (4, 8, 16), None),
+    "double_quant": (boolean, "true|false", None, None),
+    "lora_r": (positive_integer, "N", None, None),
+    "lora_modules": (str, "all|NAMES", None, None),
+    "lora_dropout": (number, "X", None, None),
+    "per_device_train_batch_size": (positive_integer, "N", None, "--micro_batch"),
+    "gradient_accumulation_steps": (positive_integer, "N", None, None),
+    "model_max_len": (positive_integer, "N", None, "--seq_len"),
+    "gradient_checkpointing": (_auto_or_boolean, "true|false|auto", None, None),
+    "optim": (str, None, tuple(OPTIMIZER_STATE_BYTES), None),
+    "bf16": (_auto_or_boolean, "true|false|auto", None, None),
+    "fsdp": (boolean, "true|false", None, None),
+}
+PLAN_NOTES = {
+    "model_max_len": " The plan counts every example at this length: the largest micro-batch.",
+    "gradient_accumulation_steps": " It does not change the peak; suggestions that shrink the micro-batch raise it "
+                                   "to keep the effective batch.",
+}
+
+
 def plan_parser() -> Parser:
+    from ..config import FIELDS
+
     p = Parser("qlorakit plan", usage="qlorakit plan [MODEL] [--config RUN.yaml] [--key value ...] [--device_gib G]",
                description=PLAN_DESCRIPTION)
     p.add_argument("model", nargs="?", metavar="MODEL", help=f"{', '.join(SHIPPED_MODELS)}, a config.json path, or "
@@ -64,29 +88,16 @@ def plan_parser() -> Parser:
     p.add_argument("--config", metavar="RUN.yaml", help="a 'qlorakit train' config file: the run to plan")
     p.add_argument("--device_gib", type=positive_number, default=48.0, metavar="G",
                    help="memory of one GPU in GiB, to say whether the run fits and what would. Default: 48.")
-    g = p.add_argument_group("train keys", "each as in 'qlorakit train --help'; shown: the default without --config")
-    opt = dict(default=argparse.SUPPRESS)
-    g.add_argument("--bits", type=integer, choices=(4, 8, 16), help="base weight precision. Default: 4.", **opt)
-    g.add_argument("--double_quant", type=boolean, metavar="true|false", help="Default: true.", **opt)
-    g.add_argument("--lora_r", type=positive_integer, metavar="N", help="Default: 64.", **opt)
-    g.add_argument("--lora_modules", metavar="all|NAMES", help="'all' or a comma-separated list of layer names. "
-                   "Default: all.", **opt)
-    g.add_argument("--lora_dropout", type=number, metavar="X", help="Default: 0.05.", **opt)
-    g.add_argument("--per_device_train_batch_size", "--micro_batch", dest="per_device_train_batch_size",
-                   type=positive_integer, metavar="N", help="examples per micro-batch. Default: 1.", **opt)
-    g.add_argument("--gradient_accumulation_steps", type=positive_integer, metavar="N", help="does not change the "
-                   "peak; suggestions that shrink the micro-batch raise it to keep the effective batch. Default: 1.",
-                   **opt)
-    g.add_argument("--model_max_len", "--seq_len", dest="model_max_len", type=positive_integer, metavar="N",
-                   help="tokens per example (the longest example, as planned for). Default: 512.", **opt)
-    g.add_argument("--gradient_checkpointing", type=_auto_or_boolean, metavar="true|false|auto",
-                   help="Default: true.", **opt)
-    g.add_argument("--optim", choices=tuple(OPTIMIZER_STATE_BYTES), help="Default: paged_adamw_32bit.", **opt)
-    g.add_argument("--bf16", type=_auto_or_boolean, metavar="true|false|auto", help="Default: true.", **opt)
+    g = p.add_argument_group("train keys", "As 'qlorakit train' takes them. 'Default here' is the plan's without "
+                             "--config:\nthe QLoRA paper's 65B run.")
+    for key, (typ, metavar, choices, old) in TRAIN_KEYS.items():
+        default = str(DEFAULTS[key]).lower() if isinstance(DEFAULTS[key], bool) else DEFAULTS[key]
+        g.add_argument(f"--{key}", *([old] if old else []), dest=key, type=typ, metavar=metavar, choices=choices,
+                       default=argparse.SUPPRESS,
+                       help=f"{FIELDS[key].metadata['help']}{PLAN_NOTES.get(key, '')} Default here: {default}.")
     g.add_argument("--nproc", "--world_size", dest="world_size", type=positive_integer, metavar="N",
-                   help="GPUs (processes) the run uses, as 'qlorakit train --nproc'. Default: 1.", **opt)
-    g.add_argument("--fsdp", type=boolean, metavar="true|false", help="shard over the GPUs instead of replicating "
-                   "(DDP). Default: false.", **opt)
+                   default=argparse.SUPPRESS, help="GPUs, one process each, as 'qlorakit train --nproc' starts them: "
+                   "DDP (replicated), or FSDP (sharded) with --fsdp true. Default here: 1.")
     return p
 
 
