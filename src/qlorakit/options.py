@@ -33,6 +33,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
+    """argparse's parser with the habits of the module docstring; every command builds its options on one."""
+
     def __init__(self, prog: str, usage: str | None = None, description: str | None = None,
                  epilog: str | None = None):
         super().__init__(prog=prog, usage=usage, description=description, epilog=epilog, allow_abbrev=False,
