@@ -10,7 +10,7 @@ from helpers import write_jsonl
 from qlorakit.cli import main
 
 
-def test_chat_second_turn_sees_the_first_and_reset_forgets_it(run_dir, monkeypatch):
+def test_chat_second_turn_sees_the_first_and_reset_forgets_it(run_dir, monkeypatch, capsys):
     """The prompt of turn 2 is the whole conversation (turn 1 and the model's reply to it), not turn 2 alone;
     after /reset it is the opening again (the --system message kept), and greedy decoding answers as the first time."""
     from qlorakit.data.formats import Message
@@ -20,10 +20,10 @@ def test_chat_second_turn_sees_the_first_and_reset_forgets_it(run_dir, monkeypat
     prompts, replies, seen = [], [], {}
     stream_reply = commands.stream_reply
 
-    def recording(model, tokenizer, prompt_format, history, sampling):
+    def recording(model, tokenizer, prompt_format, history, sampling, out):
         seen.update(tokenizer=tokenizer, prompt_format=prompt_format)
         prompts.append(prompt_ids(history, tokenizer, prompt_format))
-        replies.append(stream_reply(model, tokenizer, prompt_format, history, sampling))
+        replies.append(stream_reply(model, tokenizer, prompt_format, history, sampling, out=out))
         return replies[-1]
 
     monkeypatch.setattr(commands, "stream_reply", recording)
@@ -39,6 +39,8 @@ def test_chat_second_turn_sees_the_first_and_reset_forgets_it(run_dir, monkeypat
     assert prompts[1] == ids(system, first, Message("assistant", replies[0]), again)
     assert prompts[1] != ids(system, again)  # the twin that forgets the first turn
     assert prompts[2] == prompts[0] and replies[2] == replies[0]
+    printed = capsys.readouterr().out  # each reply streamed to the stdout of the time
+    assert printed.count("\n") >= 3 and all(r in printed for r in replies)
 
 
 def test_chat_prompt_is_the_training_format(run_dir):
