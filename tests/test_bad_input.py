@@ -90,7 +90,11 @@ BAD_CONFIG = [
     (["--bf16", "maybe"], ["bf16", "maybe"]),
     (["--packing", "yes"], ["packing", "true or false"]),
     (["--lerning_rate", "1e-4"], ["lerning_rate", "did you mean 'learning_rate'"]),
-    (["--max_steps"], ["--max_steps needs a value"]),
+    (["--max_steps"], ["--max_steps: expected one argument"]),
+    (["--learning-rate", "abc"], ["learning_rate", "'abc'", "not a number"]),  # --some-key is --some_key
+    (["--learning", "1e-4"], ["unknown key 'learning'"]),  # no abbreviations
+    (["--lerning_rate", "1e-4", "--bits", "3", "a.yaml", "b.yaml"],  # every problem at once
+     ["lerning_rate", "bits", "a.yaml does not exist", "unexpected argument 'b.yaml'"]),
     (["--eval_strategy", "no", "--load_best_model_at_end", "true"], ["load_best_model_at_end", "needs evaluation"]),
     (["--eval_dataset_size", "2.5"], ["eval_dataset_size", "whole"]),
     (["--max_nonfinite_steps", "0"], ["max_nonfinite_steps"]),
@@ -169,18 +173,69 @@ def test_tokenizer_without_pad_and_a_fully_masked_row_train(tiny_llama, tmp_path
 
 
 @pytest.mark.parametrize("argv,want", [
-    (["merge"], ["usage: qlorakit merge RUN_DIR"]),
-    (["merge", "run", "--outptu", "m"], ["unknown option --outptu", "usage: qlorakit merge"]),
-    (["export", "run", "--format"], ["--format needs a value", "usage: qlorakit export"]),
-    (["export", "run", "gguf"], ["unexpected 'gguf'", "--key value"]),
+    (["merge"], ["required: RUN_DIR", "usage: qlorakit merge RUN_DIR"]),
+    (["merge", "run", "--outptu", "m"], ["unknown option --outptu (did you mean --output?)", "usage: qlorakit merge"]),
+    (["merge", "run", "--out", "m"], ["unknown option --out (did you mean --output?)"]),  # no abbreviations
+    (["merge", "run", "--output", "m", "--base", "fp8"], ["--base: invalid choice: 'fp8'"]),
+    (["export", "run", "--format"], ["--format: expected one argument", "usage: qlorakit export"]),
+    (["export", "run", "gguf", "--output", "m.gguf"], ["unexpected argument 'gguf'", "usage: qlorakit export"]),
     (["eval", "run", "--mmlu", "m.jsonl", "--bogus", "1"], ["unknown option --bogus", "usage: qlorakit eval"]),
     (["chat", "--temperature", "0.7"], ["usage: qlorakit chat RUN_DIR"]),
-    (["chat", "run", "--max_new_tokens", "lots"], ["--max_new_tokens: 'lots' is not an integer"]),
+    (["chat", "run", "--max_new_tokens", "lots"],
+     ["--max_new_tokens: expects a whole number of at least 1, got 'lots'"]),
     (["generate", "run", "--top-p", "high"], ["--top_p: 'high' is not a number"]),
     (["generate", "run", "--input", "a.jsonl", "--stream", "yes"], ["unknown option --stream", "--batch_size"]),
+    (["generate", "run", "--input", "a.jsonl", "--output", "b.jsonl", "--batch_size", "0"],
+     ["--batch_size: expects a whole number of at least 1, got '0'"]),
+    (["eval", "run"], ["give --dataset FILE and/or --mmlu FILE"]),
 ])
 def test_bad_run_command_arguments(argv, want, capsys):
-    """merge, export, eval, chat and generate share one RUN_DIR --key value parser; each mistake is one line."""
+    """merge, export, eval, chat and generate parse with the one parser; each mistake is one line."""
     assert main(argv) == 2
     err = one_line_error(capsys, argv[0])
     assert all(w in err for w in want), err
+
+
+COMMANDS = ["train", "data", "merge", "export", "chat", "generate", "eval", "plan"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_describes_every_option(command, capsys):
+    """``qlorakit CMD --help`` exits 0 and gives each option a description; no model is loaded for it."""
+    from qlorakit import cli
+
+    assert main([command, "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith(f"usage: qlorakit {command}")
+    parser = {"train": cli.train_parser, "data": cli.data_parser}.get(command)
+    if parser is None:
+        import importlib
+
+        c = cli.COMMANDS[command]
+        parser = getattr(importlib.import_module(c.module), c.function.replace("_main", "_parser"))
+    for action in parser()._actions:
+        assert action.help, action.option_strings or action.dest
+        assert " ".join(action.help.split()) in out
+        for option in action.option_strings:
+            assert option in out
+
+
+def test_train_help_lists_every_config_key_with_its_default(capsys):
+    from qlorakit.config import FIELDS
+
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for name, f in FIELDS.items():
+        default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default) \
+            if isinstance(f.default, str) else str(f.default)
+        assert f"--{name} " in out and f"{' '.join(f.metadata['help'].split())} Default: {default}." in out, name
+    assert "--nproc N" in out and "CONFIG.yaml" in out
+
+
+def test_top_level_usage_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {c} " in out for c in COMMANDS)
+    assert main(["tran"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown command 'tran'" in err and "did you mean 'train'?" in err

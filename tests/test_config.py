@@ -49,3 +49,30 @@ def test_bad_yaml_names_line(tmp_path, capsys):
     assert main(["train", str(y)]) == 2
     err = capsys.readouterr().err
     assert "broken.yaml:" in err and "Traceback" not in err
+
+
+def test_nproc_starts_torchrun_with_the_other_arguments(monkeypatch, tmp_path):
+    """``train --nproc N`` hands every other argument, unchanged, to the torchrun workers; N = 1 trains here."""
+    from qlorakit import cli
+
+    started = []
+    monkeypatch.setattr(cli, "_torchrun", lambda n, argv: started.append((n, argv)) or 0)
+    y = tmp_path / "run.yaml"
+    y.write_text("lora_r: 8\n")
+    assert main(["train", str(y), "--nproc", "2", "--max_steps", "3", "--learning-rate=0.01"]) == 0
+    assert main(["train", "--nproc=4", "--fsdp", "true"]) == 0
+    assert started == [(2, [str(y), "--max_steps", "3", "--learning-rate=0.01"]), (4, ["--fsdp", "true"])]
+    assert cli.train_args(["--max_steps", "3", "--nproc", "1"])[1] == 1
+    with pytest.raises(ConfigError, match="unknown key 'nproc'"):
+        build_config(["--nproc", "2"])  # a launcher option, not a key of the run's config
+
+
+def test_a_fraction_for_an_integer_key_is_an_error(tmp_path):
+    """YAML's 2.5 for an integer key is refused with the key and the file, not cut to 2; 2.0 is 2."""
+    y = tmp_path / "run.yaml"
+    y.write_text("max_steps: 2.5\nlora_r: 8.0\n")
+    with pytest.raises(ConfigError) as e:
+        build_config([str(y)])
+    assert "max_steps: 2.5 (from" in str(e.value) and str(y) in str(e.value) and "not an integer" in str(e.value)
+    y.write_text("max_steps: 2.0\n")
+    assert build_config([str(y)]).max_steps == 2

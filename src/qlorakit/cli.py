@@ -1,4 +1,5 @@
-"""Command line: each subcommand parses, builds a config, and calls one library function.
+"""Command line: one table of commands; each parses its options with the one parser (``options.Parser``, argparse)
+and calls one library function.
 
 Mistakes a user can fix (UserError) end in one line on stderr and exit status 2, never a traceback.
 """
@@ -7,35 +8,78 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable, NamedTuple
 
 from .console import quiet_libraries
 from .errors import UserError
-
-USAGE = """usage: qlorakit COMMAND ...
-
-commands:
-  train [CONFIG.yaml] [--key value ...]   fine-tune (no arguments: the embedded default job)
-  data check FILE [--key value ...]       rows, token lengths, trained share, a rendered example
-  merge RUN_DIR --output DIR              adapter merged into the base: a plain transformers model
-  export RUN_DIR --format gguf --output FILE   a GGUF file for llama.cpp
-  chat RUN_DIR                            talk to the tuned model in its training format
-  generate RUN_DIR --input FILE --output FILE  answer a JSONL of prompts
-  eval RUN_DIR --dataset FILE             loss, perplexity and answer scores, base vs tuned
-  plan MODEL [--key value ...]            peak memory per device before you rent GPUs
-
-'qlorakit COMMAND --help' describes each command."""
+from .options import Parser, ParserExit, positive_integer
 
 
-def cmd_train(argv: list[str]) -> int:
-    from .config import build_config, help_text
+class Command(NamedTuple):
+    module: str  # imported only when the command runs, so 'qlorakit plan' does not pay for torch
+    function: str  # takes the arguments after the command name, returns the exit status
+    synopsis: str
+    summary: str
 
-    if argv and argv[0] in ("-h", "--help"):
-        print(help_text())
-        return 0
-    launch = _pop_nproc(argv)
-    cfg = build_config(argv)
-    if launch:
-        return _torchrun(launch, argv)
+    def run(self, argv: list[str]) -> int:
+        import importlib
+
+        func: Callable[[list[str]], int] = getattr(importlib.import_module(self.module), self.function)
+        return func(argv)
+
+
+COMMANDS = {
+    "train": Command("qlorakit.cli", "train_main", "train [CONFIG.yaml] [--key value ...]",
+                     "fine-tune (no arguments: the embedded default job)"),
+    "data": Command("qlorakit.cli", "data_main", "data check FILE [--key value ...]",
+                    "rows, token lengths, trained share, a rendered example"),
+    "merge": Command("qlorakit.export.merge", "merge_main", "merge RUN_DIR --output DIR",
+                     "adapter merged into the base: a plain transformers model"),
+    "export": Command("qlorakit.export.merge", "export_main", "export RUN_DIR --output FILE",
+                      "a GGUF file for llama.cpp (or --format safetensors)"),
+    "chat": Command("qlorakit.infer.commands", "chat_main", "chat RUN_DIR",
+                    "talk to the tuned model in its training format"),
+    "generate": Command("qlorakit.infer.commands", "generate_main", "generate RUN_DIR --input FILE --output FILE",
+                        "answer a JSONL of prompts"),
+    "eval": Command("qlorakit.evaluate.command", "eval_main", "eval RUN_DIR --dataset FILE",
+                    "loss, perplexity and answer scores, base vs tuned"),
+    "plan": Command("qlorakit.plan.command", "plan_main", "plan MODEL [--config run.yaml] [--key value ...]",
+                    "peak memory per device before you rent GPUs"),
+}
+
+
+def usage() -> str:
+    width = max(len(c.synopsis) for c in COMMANDS.values()) + 3
+    lines = [f"  {c.synopsis:<{width}}{c.summary}" for c in COMMANDS.values()]
+    return "\n".join(["usage: qlorakit COMMAND ...", "", "commands:", *lines, "",
+                      "'qlorakit COMMAND --help' describes each command and all its options."])
+
+
+# --- train and data: the config keys of TrainConfig as options ---------------------------------------------------
+
+
+def train_parser() -> Parser:
+    from .config import train_parser as config_parser
+
+    p = config_parser()
+    p.add_argument("--nproc", type=positive_integer, default=1, metavar="N",
+                   help="Processes to train with on this machine: N > 1 starts torchrun with N processes (DDP, or FSDP "
+                   "with --fsdp true), one per GPU. Default: 1.")
+    return p
+
+
+def train_args(argv: list[str]):
+    """(TrainConfig, process count) of ``train``'s arguments; a mistake raises a UserError naming every problem."""
+    from .config import read_args
+
+    cfg, ns = read_args(argv, train_parser())
+    return cfg, ns.nproc
+
+
+def train_main(argv: list[str]) -> int:
+    cfg, nproc = train_args(argv)
+    if nproc > 1:
+        return _torchrun(nproc, _without_nproc(argv))
     from .train.loop import train
 
     result = train(cfg)
@@ -44,19 +88,17 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _pop_nproc(argv: list[str]) -> int:
-    """Remove ``--nproc N`` from argv; N > 1 means: start torchrun for the user."""
-    if "--nproc" not in argv:
-        return 0
-    i = argv.index("--nproc")
-    try:
-        n = int(argv[i + 1])
-    except (IndexError, ValueError):
-        raise UserError("--nproc: needs a whole number of processes, e.g. --nproc 2") from None
-    del argv[i:i + 2]
-    if n < 1:
-        raise UserError(f"--nproc: must be at least 1, got {n}")
-    return n if n > 1 else 0
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N`` (or ``--nproc=N``): what each torchrun worker parses."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def _torchrun(n: int, argv: list[str]) -> int:
@@ -71,52 +113,55 @@ def _torchrun(n: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-def cmd_data(argv: list[str]) -> int:
-    if not argv or argv[0] != "check" or len(argv) < 2 or argv[1].startswith("--"):
-        raise UserError("usage: qlorakit data check FILE [--model_name_or_path M --prompt_format F "
-                        "--model_max_len N ...]")
-    from .config import build_config
+DATA_DESCRIPTION = """Check a training file before you train on it: rows, token lengths, the share of tokens that are
+trained, and one example rendered in the prompt format with its trained part marked. FILE is read as training
+would read it, with the keys below (the tokenizer of --model_name_or_path, --prompt_format, --model_max_len...)."""
+
+
+def data_parser() -> Parser:
+    from .config import add_config_options
+
+    return add_config_options(Parser("qlorakit data", usage="qlorakit data check FILE [--key value ...]",
+                                     description=DATA_DESCRIPTION))
+
+
+def data_main(argv: list[str]) -> int:
+    from .config import config_from_mapping, parse_args
     from .data.check import check_file
     from .model.load import load_tokenizer, resolve_model_path
 
-    cfg = build_config(["--dataset", argv[1], *argv[2:]])
+    parser = data_parser()
+    _, positionals, flags = parse_args(argv, parser)
+    if positionals[:1] != ["check"] or len(positionals) < 2:
+        parser.error("give 'check' and the file to check")
+    if len(positionals) > 2:
+        parser.error(f"unexpected argument {positionals[2]!r}: give one file, then --key value pairs")
+    cfg = config_from_mapping({"dataset": (positionals[1], "FILE"), **flags})
     print(check_file(cfg, lambda c: load_tokenizer(resolve_model_path(c.model_name_or_path), c.trust_remote_code)))
     return 0
 
 
-def _lazy(module: str, func: str):
-    def run(argv: list[str]) -> int:
-        import importlib
-
-        return getattr(importlib.import_module(f"qlorakit.{module}"), func)(argv)
-
-    return run
-
-
-COMMANDS = {
-    "train": cmd_train,
-    "data": cmd_data,
-    "merge": _lazy("export.merge", "merge_main"),
-    "export": _lazy("export.merge", "export_main"),
-    "chat": _lazy("infer.commands", "chat_main"),
-    "generate": _lazy("infer.commands", "generate_main"),
-    "eval": _lazy("evaluate.command", "eval_main"),
-    "plan": _lazy("plan.command", "plan_main"),
-}
+# --- dispatch ----------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+        print(usage())
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"qlorakit: unknown command '{name}'; see 'qlorakit --help'", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        print(f"qlorakit: unknown command '{name}'; {hint}see 'qlorakit --help'", file=sys.stderr)
         return 2
     quiet_libraries()
     try:
-        return COMMANDS[name](rest)
+        return COMMANDS[name].run(rest)
+    except ParserExit as e:  # --help was answered
+        return e.status
     except UserError as e:
         print(f"qlorakit {name}: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ text in ``metadata["help"]``; ``qlorakit train --help`` prints them. ``validate`
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .options import Parser, split_extras
 from .resources import SAMPLE_DATASET
 
 
@@ -131,8 +133,8 @@ def _coerce(key: str, value, source: str):
         if typ is int:
             if isinstance(value, bool):
                 raise ValueError
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError  # YAML's 2.5 is not silently 2
             return int(value)
         if typ is float:
             if isinstance(value, bool):
@@ -159,36 +161,60 @@ def _suggest(key: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; see 'qlorakit train --help'"
 
 
-def parse_overrides(argv: list[str]) -> tuple[str | None, dict[str, tuple[object, str]]]:
-    """Split ``[CONFIG.yaml] [--key value ...]`` into the YAML path and raw overrides (value, source)."""
-    path = None
-    raw: dict[str, tuple[object, str]] = {}
-    problems = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--"):
-            key = arg[2:].replace("-", "_")
-            if "=" in key:
-                key, value = key.split("=", 1)
-                i += 1
-            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                value = argv[i + 1]
-                i += 2
-            else:
-                problems.append(f"--{key} needs a value")
-                i += 1
-                continue
-            raw[key] = (value, f"--{key}")
-        elif path is None:
-            path = arg
-            i += 1
+SECTIONS = {"model_name_or_path": "model", "lora_r": "LoRA", "dataset": "data", "output_dir": "schedule",
+            "eval_strategy": "evaluation, checkpoints, logging", "fsdp": "distributed"}  # first key: section title
+TRAIN_USAGE = "qlorakit train [CONFIG.yaml] [--key value ...] [--nproc N]"
+TRAIN_DESCRIPTION = """Fine-tune a causal LM with QLoRA. Without arguments: the embedded default job
+(SmolLM2-135M-Instruct on the shipped airoboros sample, into runs/default).
+
+CONFIG.yaml is a mapping of the keys below (key: value); a --key value flag wins over the file. Every mistake in
+the file and the flags is reported at once, each naming its key."""
+
+
+def _show(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else str(value)
+
+
+def _metavar(name: str, f: dataclasses.Field) -> str:
+    choices = f.metadata.get("choices")
+    if choices:
+        return "|".join(map(str, choices))
+    return {bool: "true|false", int: "N", float: "X", str: "TEXT"}[_TYPES[name]]
+
+
+def add_config_options(parser: Parser) -> Parser:
+    """One ``--key VALUE`` per TrainConfig field, in the class's sections, each with its help and default. Values
+    stay as typed (strings): ``config_from_mapping`` coerces and validates them with the YAML's, every problem at
+    once."""
+    group = parser
+    for name, f in FIELDS.items():
+        if name in SECTIONS:
+            group = parser.add_argument_group(f"{SECTIONS[name]} keys")
+        help = f"{f.metadata['help']} Default: {_show(f.default)}."
+        group.add_argument(f"--{name}", metavar=_metavar(name, f), default=argparse.SUPPRESS,
+                           help=help.replace("%", "%%"))
+    return parser
+
+
+def train_parser() -> Parser:
+    """The parser of ``qlorakit train``'s config keys (the CLI adds --nproc)."""
+    return add_config_options(Parser("qlorakit train", usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION))
+
+
+def parse_args(argv: list[str], parser: Parser | None = None
+               ) -> tuple[argparse.Namespace, list[str], dict[str, tuple[object, str]]]:
+    """(the parser's namespace, for its options that are not config keys; the positional arguments; every
+    ``--key value`` given, known keys and unknown ones alike, as key -> (value, '--key')). Unknown keys are left to
+    ``config_from_mapping``, which reports them with the other problems and suggests the nearest key."""
+    ns, extras = (parser or train_parser()).parse_known_args(argv)
+    flags = {k: (v, f"--{k}") for k, v in vars(ns).items() if k in FIELDS}
+    positionals = []
+    for option, value in split_extras(extras):
+        if option is None:
+            positionals.append(value)
         else:
-            problems.append(f"unexpected argument {arg!r}: give one config file, then --key value pairs")
-            i += 1
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return path, raw
+            flags[option.lstrip("-").replace("-", "_")] = (value, option)
+    return ns, positionals, flags
 
 
 def load_yaml(path: str) -> dict[str, tuple[object, str]]:
@@ -207,15 +233,30 @@ def load_yaml(path: str) -> dict[str, tuple[object, str]]:
 
 
 def build_config(argv: list[str]) -> TrainConfig:
-    """YAML file, then flags (flags win), then validation. Raises ConfigError listing every problem."""
-    path, flags = parse_overrides(argv)
-    merged = load_yaml(path) if path else {}
+    """``[CONFIG.yaml] [--key value ...]``: the YAML file, then flags (flags win), then validation. Raises
+    ConfigError listing every problem."""
+    return read_args(argv)[0]
+
+
+def read_args(argv: list[str], parser: Parser | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """``build_config`` with ``parser`` (train's keys plus options of a command's own, such as --nproc); also
+    returns the parser's namespace for those."""
+    ns, positionals, flags = parse_args(argv, parser)
+    problems = [f"unexpected argument {a!r}: give one config file, then --key value pairs" for a in positionals[1:]]
+    merged = {}
+    if positionals:
+        try:
+            merged = load_yaml(positionals[0])
+        except ConfigError as e:
+            problems.append(str(e))
     merged.update(flags)
-    return config_from_mapping(merged)
+    return config_from_mapping(merged, problems), ns
 
 
-def config_from_mapping(merged: dict[str, tuple[object, str]]) -> TrainConfig:
-    problems = []
+def config_from_mapping(merged: dict[str, tuple[object, str]], problems: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig of key -> (value, where it came from); ``problems`` found before are reported with the
+    ones found here, all at once."""
+    problems = list(problems or [])
     values = {}
     for key, (value, source) in merged.items():
         if key not in FIELDS:
@@ -271,21 +312,12 @@ def validate(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def help_text() -> str:
-    lines = ["qlorakit train [CONFIG.yaml] [--key value ...]   (flags win over the file)", ""]
-    for name, f in FIELDS.items():
-        choices = f.metadata.get("choices")
-        extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
-        lines.append(f"  --{name} (default {f.default!r}){extra}\n      {f.metadata['help']}")
-    return "\n".join(lines)
-
-
 def save_config(cfg: TrainConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
 def load_run_config(run_dir: Path) -> TrainConfig:
-    """The resolved config a run wrote to ``run_dir/config.yaml``."""
+    """The resolved config a run wrote to ``run_dir/qlorakit_config.yaml``."""
     p = Path(run_dir) / "qlorakit_config.yaml"
     if not p.is_file():
         raise ConfigError(f"{run_dir} is not a qlorakit run directory (no qlorakit_config.yaml); "

@@ -3,12 +3,23 @@ loaders), set once by every entry point before the libraries load."""
 
 from __future__ import annotations
 
+import logging
 import os
+
+# bitsandbytes logs this when it is imported on a CPU without the optional 'kernels' package; it then uses its own
+# CPU kernels, which is what qlorakit tests on. Only this message is dropped: the logger's other records still show.
+BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _not_the_kernels_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(BNB_KERNELS_NOTICE)
 
 
 def quiet_libraries() -> None:
+    """Set before bitsandbytes, transformers and peft are imported (each command calls it first)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_notice)  # idempotent
     import warnings
 
     warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")

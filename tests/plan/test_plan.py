@@ -16,15 +16,17 @@ import torch
 
 from qlorakit.model.memory import (GIB, architecture, checkpointed_activation_bytes, nf4_linear_bytes,
                                    parameter_count)
-from qlorakit.plan.command import SHIPPED_MODELS, load_model_config, plan_main
+from qlorakit.cli import main
+from qlorakit.plan.command import SHIPPED_MODELS, load_model_config
 from qlorakit.plan.estimate import estimate_memory, format_plan
 
 # QLoRA paper (arXiv:2305.14314), Figure 6: the 65B model bar, quoted in bitsandbytes#790 and artidoro/qlora#269.
 PAPER_65B_MODEL_MB = 37_074
 # The 65B total of the same figure as transcribed by a third party (not checked against the figure itself).
 PAPER_65B_TOTAL_GB = 45.0
-PAPER_SETTINGS = dict(bits=4, double_quant=True, lora_r=64, lora_modules="all", lora_dropout=0.05, micro_batch=1,
-                      seq_len=512, gradient_checkpointing=True, optim="paged_adamw_32bit", bf16=True)
+PAPER_SETTINGS = dict(bits=4, double_quant=True, lora_r=64, lora_modules="all", lora_dropout=0.05,
+                      per_device_train_batch_size=1, model_max_len=512, gradient_checkpointing=True,
+                      optim="paged_adamw_32bit", bf16=True)
 
 # The measured model: small enough for two shared CPU cores, GQA (4 kv heads of 8) to cover the k/v widths.
 TINY = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -51,7 +53,7 @@ def test_llama_65b_needs_more_than_one_24gib_gpu():
     plan = paper_plan()
     assert not plan.fits(24)
     found = plan.suggestions(24)
-    assert any("--fsdp true --world_size" in line for line in found)
+    assert any("--fsdp true --nproc" in line for line in found)
     for line in found:
         assert float(line.rsplit(": ", 1)[1].split()[0]) <= 24
 
@@ -79,7 +81,8 @@ def test_settings_move_the_components_they_should():
     base = estimate_memory(config)
     no_ckpt = estimate_memory(config, gradient_checkpointing=False)
     assert no_ckpt.activations > 10 * base.activations
-    assert estimate_memory(config, gradient_checkpointing=False, micro_batch=2).activations == 2 * no_ckpt.activations
+    assert estimate_memory(config, gradient_checkpointing=False, per_device_train_batch_size=2).activations == \
+        2 * no_ckpt.activations
     assert estimate_memory(config, optim="paged_adamw_8bit").optimizer_states == base.optimizer_states // 4
     assert estimate_memory(config, optim="sgd").optimizer_states == 0
     sharded = estimate_memory(config, fsdp=True, world_size=4)
@@ -98,8 +101,99 @@ def test_cli_prints_plans_for_names_files_and_directories(tmp_path, capsys):
     config = load_model_config("mpt-30b")[0]
     (tmp_path / "config.json").write_text(json.dumps(config))
     for model in ("llama-65b", str(tmp_path / "config.json"), str(tmp_path)):
-        assert plan_main([model, "--micro_batch", "2", "--device_gib", "80"]) == 0
-        assert "fits 80 GiB" in capsys.readouterr().out
+        assert main(["plan", model, "--per_device_train_batch_size", "2", "--device_gib", "80"]) == 0
+        assert "micro batch 2 x seq 512" in capsys.readouterr().out
+
+
+def test_the_old_flag_names_still_work(capsys):
+    assert main(["plan", "llama-65b", "--micro_batch", "2", "--seq_len", "256", "--world_size", "2"]) == 0
+    old = capsys.readouterr().out
+    assert main(["plan", "llama-65b", "--per_device_train_batch_size", "2", "--model_max_len", "256",
+                 "--nproc", "2"]) == 0
+    assert capsys.readouterr().out == old and "micro batch 2 x seq 256" in old and "DDP over 2 devices" in old
+
+
+# Runs that do not fit: the first gets one-knob suggestions (the micro-batch among them), the second only the memory
+# savers together, the third only FSDP.
+TOO_BIG = [
+    ["llama-33b", "--per_device_train_batch_size", "6", "--model_max_len", "2048", "--double_quant", "false",
+     "--optim", "adamw_torch", "--device_gib", "32"],
+    ["mpt-30b", "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2",
+     "--gradient_checkpointing", "false", "--device_gib", "30"],
+    ["llama-2-70b", "--device_gib", "16"],
+]
+
+
+def printed_suggestions(argv: list[str], capsys) -> list[tuple[list[str], float]]:
+    assert main(["plan", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "would fit:" in out, out
+    lines = out.split("would fit:\n", 1)[1].splitlines()
+    return [(flags.split(), float(rest.split()[0])) for flags, rest in (ln.strip().split(": ", 1) for ln in lines)]
+
+
+@pytest.mark.parametrize("argv", TOO_BIG, ids=[a[0] for a in TOO_BIG])
+def test_suggestions_paste_into_train_and_fit(argv, capsys):
+    """Each 'would fit' line is 'qlorakit train' flags: train parses them, and planning the run with them added
+    gives the total printed, which fits."""
+    from qlorakit.cli import train_args
+
+    found = printed_suggestions(argv, capsys)
+    assert found
+    device = argv[argv.index("--device_gib") + 1]
+    for flags, gib in found:
+        cfg, nproc = train_args(list(flags))  # a UserError here fails the test
+        given = dict(zip(flags[::2], flags[1::2]))
+        for flag, value in given.items():
+            got = nproc if flag == "--nproc" else getattr(cfg, flag[2:])
+            assert str(got).lower() == value.lower(), (flag, got, value)
+        assert main(["plan", *argv, *flags]) == 0
+        replanned = capsys.readouterr().out
+        total = next(float(ln.split()[-1]) for ln in replanned.splitlines() if ln.startswith("total, peak"))
+        assert f"fits {device} GiB: yes" in replanned and total == pytest.approx(gib, abs=0.051)
+        if "--per_device_train_batch_size" in given and "--per_device_train_batch_size" in argv:
+            before = dict(zip(argv[1::2], argv[2::2]))  # a smaller micro-batch keeps the effective batch
+            assert int(given["--per_device_train_batch_size"]) * int(given["--gradient_accumulation_steps"]) == \
+                int(before["--per_device_train_batch_size"]) * int(before.get("--gradient_accumulation_steps", 1))
+
+
+def test_plan_reads_a_train_config(tmp_path, capsys):
+    """--config takes the keys the plan knows from a 'qlorakit train' YAML (train's defaults for the others),
+    MODEL from its model_name_or_path; a flag wins over the file; the file is checked as train checks it."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(load_model_config("llama-33b")[0]))
+    y = tmp_path / "run.yaml"
+    y.write_text(f"model_name_or_path: {tmp_path / 'model'}\nlora_r: 8\nper_device_train_batch_size: 2\n"
+                 "model_max_len: 256\ngradient_checkpointing: 'true'\nbf16: 'true'\nlearning_rate: 0.001\n")
+    assert main(["plan", "--config", str(y)]) == 0
+    out = capsys.readouterr().out
+    want = estimate_memory(load_model_config("llama-33b")[0], lora_r=8, per_device_train_batch_size=2,
+                           model_max_len=256, gradient_checkpointing=True, bf16=True,
+                           optim="adamw_torch", lora_modules="all", lora_dropout=0.05)  # train's defaults
+    assert "LoRA r 8 on all, micro batch 2 x seq 256, checkpointing on, adamw_torch" in out
+    assert f"{want.total_bytes / GIB:.2f}\n" in out
+    assert main(["plan", "llama-65b", "--config", str(y), "--lora_r", "32"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("llama-65b:") and "LoRA r 32 on all, micro batch 2 x seq 256" in out
+    y.write_text("lora_r: many\nper_device_train_batch_size: 0\n")
+    assert main(["plan", "llama-65b", "--config", str(y)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lora_r: 'many' (from" in err and str(y) in err and "batch_size" in err
+
+
+def test_auto_is_decided_as_training_decides_it(capsys):
+    """gradient_checkpointing auto: on where the activations of the largest micro-batch would take over half the
+    memory left after the weights, off where they would not."""
+    from qlorakit.plan.command import resolve_auto
+
+    config = load_model_config("llama-65b")[0]
+    settings = {**PAPER_SETTINGS, "gradient_checkpointing": "auto", "bf16": "auto"}
+    on, notes = resolve_auto(config, settings, device_gib=48)
+    assert on["gradient_checkpointing"] is True and on["bf16"] is True and len(notes) == 2
+    small = {**settings, "model_max_len": 64}
+    off = estimate_memory(config, **{**small, "gradient_checkpointing": False, "bf16": True})
+    assert off.activations < (80 * GIB - off.base_weights - off.lora_weights) / 2  # the premise
+    assert resolve_auto(config, small, device_gib=80)[0]["gradient_checkpointing"] is False
 
 
 @pytest.mark.parametrize("argv", [
@@ -118,9 +212,10 @@ def test_cli_mistakes_are_one_line_and_status_2(argv, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
     argv = [{"BAD_JSON": str(tmp_path / "bad.json"), "GPT2": str(tmp_path / "gpt2.json")}.get(a, a) for a in argv]
-    assert plan_main(argv) == 2
+    assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("qlorakit plan: ") and ", " in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("qlorakit plan: error: ") and ", " in err
+    assert "Traceback" not in err
 
 
 # --- measured on CPU --------------------------------------------------------------------------------------------
@@ -185,8 +280,8 @@ def measured_vs_estimated(workdir: Path) -> list[tuple[str, int, int]]:
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**TINY)).to(torch.bfloat16).save_pretrained(workdir)
     config = json.loads((workdir / "config.json").read_text())
-    settings = dict(lora_r=RANK, lora_dropout=0.0, micro_batch=BATCH, seq_len=SEQ, gradient_checkpointing=False,
-                    optim="adamw_torch")
+    settings = dict(lora_r=RANK, lora_dropout=0.0, per_device_train_batch_size=BATCH, model_max_len=SEQ,
+                    gradient_checkpointing=False, optim="adamw_torch")
     ids = torch.randint(0, TINY["vocab_size"], (BATCH, SEQ))
     base = _load_4bit(workdir)
     plan = estimate_memory(config, **settings)

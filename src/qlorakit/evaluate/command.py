@@ -70,6 +70,32 @@ def mmlu_accuracy(model, tokenizer, prompt_format: str, rows: list[dict]) -> flo
     return right / len(rows)
 
 
+EVAL_DESCRIPTION = """Score a run's tuned model beside its base model (the same weights with the adapter off), and
+print a table of both. With --dataset: the loss and perplexity per trained token, computed as in training, and answer
+scores of greedy replies to the first --generate rows (exact_match: the reply equals the reference after
+normalizing case and spaces; contains: the reference appears in the reply; each a share in [0, 1]). With --mmlu:
+the share of questions whose answer letter is the most likely first token of the reply.
+
+--output writes {"base": {...}, "tuned": {...}}, each with the keys it measured: eval_loss, eval_perplexity,
+eval_tokens (the trained tokens the loss is over), exact_match, contains, mmlu_accuracy."""
+
+
+def eval_parser():
+    from ..options import Parser, non_negative_integer
+
+    p = Parser("qlorakit eval", usage="qlorakit eval RUN_DIR [--dataset FILE] [--mmlu FILE] [--generate N] "
+               "[--output FILE.json]", description=EVAL_DESCRIPTION)
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path,
+                   help="a run directory of 'qlorakit train', or a checkpoint-STEP folder in one")
+    p.add_argument("--dataset", metavar="FILE", default="", help="JSONL in the run's training layout")
+    p.add_argument("--mmlu", metavar="FILE", default="", help="MMLU-layout questions: CSV question,A,B,C,D,answer "
+                   "(the original files) or JSONL with question, choices (4) and answer (a letter or an index)")
+    p.add_argument("--generate", metavar="N", type=non_negative_integer, default=50,
+                   help="how many --dataset rows to answer for the answer scores; 0 = none. Default: 50.")
+    p.add_argument("--output", metavar="FILE.json", default="", help="where to write the results as JSON")
+    return p
+
+
 def eval_main(argv: list[str]) -> int:
     """``qlorakit eval RUN_DIR --dataset FILE [--mmlu FILE] [--generate N] [--output FILE.json]``."""
     import json
@@ -79,17 +105,12 @@ def eval_main(argv: list[str]) -> int:
     from ..runs import load_run
     from ..data.formats import _json_rows, read_jsonl
     from ..data.tokenize import tokenize_all
-    from ..errors import UserError
-    from ..options import run_options
 
-    usage = "usage: qlorakit eval RUN_DIR [--dataset FILE] [--mmlu FILE] [--generate N] [--output FILE.json]"
-    run_dir, o = run_options(argv, {"dataset": "", "mmlu": "", "generate": "50", "output": ""}, usage)
-    if not o["dataset"] and not o["mmlu"]:
-        raise UserError(f"give --dataset FILE and/or --mmlu FILE; {usage}")
-    try:
-        n_gen = int(o["generate"])
-    except ValueError:
-        raise UserError(f"--generate: {o['generate']!r} is not an integer") from None
+    parser = eval_parser()
+    o = parser.parse_args(argv)
+    if not o.dataset and not o.mmlu:
+        parser.error("give --dataset FILE and/or --mmlu FILE")
+    run_dir, n_gen = o.run_dir, o.generate
     model, tok, cfg = load_run(run_dir)
     device, bf16 = next(model.parameters()).device, cfg.use_bf16()
     results: dict[str, dict] = {"tuned": {}, "base": {}}
@@ -99,8 +120,8 @@ def eval_main(argv: list[str]) -> int:
         with model.disable_adapter():
             results["base"].update(fn())
 
-    if o["dataset"]:
-        path = Path(o["dataset"])
+    if o.dataset:
+        path = Path(o.dataset)
         convs = read_jsonl(path, cfg.dataset_format)
         examples, _ = tokenize_all(convs, tok, cfg.prompt_format, cfg.model_max_len, cfg.truncation)
         both(lambda: eval_loss(model, examples, batch_size=cfg.per_device_eval_batch_size, pad_id=tok.pad_token_id,
@@ -111,14 +132,14 @@ def eval_main(argv: list[str]) -> int:
             prompts = [list(c.messages[:-1]) for c in convs[:len(refs)]]
             sampling = Sampling(max_new_tokens=min(256, max(len(tok(r)["input_ids"]) for r in refs) + 32))
             both(lambda: answer_scores(generate_replies(model, tok, cfg.prompt_format, prompts, sampling), refs))
-    if o["mmlu"]:
-        rows = read_mmlu(Path(o["mmlu"]))
+    if o.mmlu:
+        rows = read_mmlu(Path(o.mmlu))
         both(lambda: {"mmlu_accuracy": mmlu_accuracy(model, tok, cfg.prompt_format, rows)})
     keys = [k for k in results["tuned"] if k != "eval_tokens"]
     print(f"{'metric':<18}{'base':>12}{'tuned':>12}")
     for k in keys:
         print(f"{k:<18}{results['base'][k]:>12.4f}{results['tuned'][k]:>12.4f}")
-    if o["output"]:
-        Path(o["output"]).write_text(json.dumps(results, indent=2))
-        print(f"qlorakit eval: results written to {o['output']}", file=sys.stderr)
+    if o.output:
+        Path(o.output).write_text(json.dumps(results, indent=2))
+        print(f"qlorakit eval: results written to {o.output}", file=sys.stderr)
     return 0

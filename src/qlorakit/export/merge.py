@@ -19,7 +19,7 @@ import torch
 
 from ..errors import UserError
 from ..model.load import load_base_for_run, load_tokenizer
-from ..options import run_options
+from ..options import Parser
 from ..runs import run_files, stop_token_ids
 
 MERGE_BASES = ("dequantized", "original")
@@ -111,38 +111,64 @@ def save_merged(model, tokenizer, cfg, out: Path, run_dir: Path, base: str) -> P
     return out
 
 
+RUN_DIR_HELP = "a run directory of 'qlorakit train', or a checkpoint-STEP folder in one"
+BASE_HELP = ("what the adapter is merged into: 'dequantized' = the 4/8-bit weights it was trained against, so the "
+             "merged model answers like the adapter did; 'original' = the full-precision weights the run started "
+             "from, nothing lost to quantization but slightly different from what was trained. Default: dequantized.")
+
+
+def merge_parser() -> Parser:
+    p = Parser("qlorakit merge", usage="qlorakit merge RUN_DIR --output DIR [--base dequantized|original] "
+               "[--dtype bf16|fp16|fp32]",
+               description="Fold a run's LoRA adapter into its base model and save a plain transformers model (no "
+               "peft needed),\nwith the run's prompt format as the tokenizer's chat_template.")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help=RUN_DIR_HELP)
+    p.add_argument("--output", metavar="DIR", required=True, help="the directory to write (replaced if it exists)")
+    p.add_argument("--base", choices=MERGE_BASES, default="dequantized", help=BASE_HELP)
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="dtype of the saved weights. Default: the dtype the base "
+                   "model was saved in (bf16 when it names none).")
+    return p
+
+
+def export_parser() -> Parser:
+    p = Parser("qlorakit export", usage="qlorakit export RUN_DIR --output FILE_OR_DIR [--format gguf|safetensors] "
+               "[--outtype f16|bf16|q8_0] [--base dequantized|original]",
+               description="Hand a run over as one file for llama.cpp (GGUF), or as a merged safetensors directory "
+               "(what\n'qlorakit merge' writes). The adapter is merged into its base first.")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help=RUN_DIR_HELP)
+    p.add_argument("--output", metavar="FILE_OR_DIR", required=True,
+                   help="the .gguf file to write, or the directory for --format safetensors")
+    p.add_argument("--format", choices=("gguf", "safetensors"), default="gguf", help="Default: gguf.")
+    p.add_argument("--outtype", default="f16", help="GGUF type of the weight matrices: f16, bf16 or q8_0 (norms and "
+                   "other 1-D tensors stay f32). Default: f16.")
+    p.add_argument("--base", choices=MERGE_BASES, default="dequantized", help=BASE_HELP)
+    return p
+
+
 def merge_main(argv: list[str]) -> int:
-    usage = "usage: qlorakit merge RUN_DIR --output DIR [--base dequantized|original] [--dtype bf16|fp16|fp32]"
-    run_dir, o = run_options(argv, {"output": "", "base": "dequantized", "dtype": ""}, usage)
-    if not o["output"]:
-        raise UserError(f"--output DIR is needed; {usage}")
-    if o["dtype"] and o["dtype"] not in DTYPES:
-        raise UserError(f"--dtype: {o['dtype']!r} is not one of {', '.join(DTYPES)}")
-    model, tok, cfg = merged_model(run_dir, o["base"], o["dtype"] or None)
-    out = save_merged(model, tok, cfg, Path(o["output"]), run_dir, o["base"])
+    args = merge_parser().parse_args(argv)
+    return merge(args.run_dir, Path(args.output), args.base, args.dtype)
+
+
+def merge(run_dir: Path, output: Path, base: str, dtype: str | None) -> int:
+    model, tok, cfg = merged_model(run_dir, base, dtype)
+    out = save_merged(model, tok, cfg, output, run_dir, base)
     print(f"qlorakit merge: wrote {out} (load it with AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
     return 0
 
 
 def export_main(argv: list[str]) -> int:
-    usage = ("usage: qlorakit export RUN_DIR --format gguf|safetensors --output FILE_OR_DIR "
-             "[--outtype f16|bf16|q8_0] [--base dequantized|original]")
-    defaults = {"format": "gguf", "output": "", "outtype": "f16", "base": "dequantized"}
-    run_dir, o = run_options(argv, defaults, usage)
-    if not o["output"]:
-        raise UserError(f"--output is needed; {usage}")
-    if o["format"] == "safetensors":
-        return merge_main([str(run_dir), "--output", o["output"], "--base", o["base"]])
-    if o["format"] != "gguf":
-        raise UserError(f"--format: {o['format']!r} is not gguf or safetensors")
+    o = export_parser().parse_args(argv)
+    if o.format == "safetensors":
+        return merge(o.run_dir, Path(o.output), o.base, None)
     from .gguf import export_gguf
 
-    model, tok, cfg = merged_model(run_dir, o["base"], "fp32")
+    model, tok, cfg = merged_model(o.run_dir, o.base, "fp32")
     with tempfile.TemporaryDirectory() as tmp:
-        merged = save_merged(model, tok, cfg, Path(tmp) / "merged", run_dir, o["base"])
+        merged = save_merged(model, tok, cfg, Path(tmp) / "merged", o.run_dir, o.base)
         try:
-            out = export_gguf(merged, o["output"], o["outtype"], chat_template=tok.chat_template)
+            out = export_gguf(merged, o.output, o.outtype, chat_template=tok.chat_template)
         except ValueError as e:
             raise UserError(f"export: {e}") from None
-    print(f"qlorakit export: wrote {out} ({o['outtype']})", file=sys.stderr)
+    print(f"qlorakit export: wrote {out} ({o.outtype})", file=sys.stderr)
     return 0

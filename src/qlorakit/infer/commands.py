@@ -7,34 +7,66 @@ import sys
 from pathlib import Path
 
 from ..data.formats import Message, read_prompts
-from ..errors import UserError
-from ..options import run_options
 from ..generation import Sampling, generate_replies, stream_reply
+from ..options import Parser, non_negative_integer, non_negative_number, positive_integer, positive_number
 from ..runs import load_run
 
+SAMPLING_HELP = {
+    "max_new_tokens": (positive_integer, "longest reply in tokens"),
+    "temperature": (non_negative_number, "0 = greedy (the most likely token each step, the same reply every time); "
+                    "above 0 samples, more varied the higher"),
+    "top_p": (positive_number, "when sampling: keep the most likely tokens that together hold this share of "
+              "probability (1 = all)"),
+    "top_k": (non_negative_integer, "when sampling: keep only the k most likely tokens (0 = no limit)"),
+    "repetition_penalty": (positive_number, "above 1 makes repeating earlier tokens less likely"),
+}
 
-def _parse_sampling(argv: list[str], usage: str, extra: dict[str, str] | None = None
-                    ) -> tuple[Path, Sampling, dict[str, str]]:
-    """RUN_DIR, the sampling options, and the other ``--key value`` options named in ``extra`` (their defaults)."""
-    s = Sampling()
-    fields = list(Sampling.__dataclass_fields__)
-    run_dir, opts = run_options(argv, {**{f: str(getattr(s, f)) for f in fields}, **(extra or {})}, usage)
-    for f in fields:
-        typ, value = type(getattr(s, f)), opts.pop(f)
-        try:
-            setattr(s, f, typ(value))
-        except ValueError:
-            raise UserError(f"--{f}: {value!r} is not {'an integer' if typ is int else 'a number'}") from None
-    return run_dir, s, opts
+
+def add_run_dir_and_sampling(p: Parser) -> Parser:
+    """RUN_DIR and the sampling options (the fields of ``Sampling``) that chat and generate share."""
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path,
+                   help="a run directory of 'qlorakit train', or a checkpoint-STEP folder in one")
+    g = p.add_argument_group("sampling")
+    for name, default in vars(Sampling()).items():
+        typ, help = SAMPLING_HELP[name]
+        g.add_argument(f"--{name}", type=typ, default=default, metavar="N" if isinstance(default, int) else "X",
+                       help=f"{help}. Default: {default}.")
+    return p
+
+
+def sampling_of(args) -> Sampling:
+    return Sampling(**{name: getattr(args, name) for name in vars(Sampling())})
+
+
+def chat_parser() -> Parser:
+    p = Parser("qlorakit chat", usage="qlorakit chat RUN_DIR [--system TEXT] [--temperature T --top_p P --top_k K "
+               "--max_new_tokens N --repetition_penalty R]",
+               description="Talk to the tuned model in the prompt format it was trained in. Each line on stdin is a "
+               "user turn;\nthe model sees the whole conversation so far. /reset starts over (the --system message "
+               "stays), /quit or\nCtrl-D ends.")
+    p.add_argument("--system", default="", metavar="TEXT", help="a system message that opens the conversation")
+    return add_run_dir_and_sampling(p)
+
+
+def generate_parser() -> Parser:
+    p = Parser("qlorakit generate", usage="qlorakit generate RUN_DIR --input FILE --output FILE [--batch_size N] "
+               "[--temperature T --top_p P --top_k K --max_new_tokens N --repetition_penalty R]",
+               description="Answer a JSONL of prompts with the tuned model, in its training format. Each output row "
+               "is the input\nrow, in the same order, with its reply added as \"generated\".")
+    p.add_argument("--input", metavar="FILE", required=True, help="JSONL of prompts: rows in a training layout "
+                   "(airoboros, alpaca) without the response, or {\"messages\": [...]} ending on a user turn")
+    p.add_argument("--output", metavar="FILE", required=True, help="the JSONL to write")
+    p.add_argument("--batch_size", type=positive_integer, default=8, metavar="N", help="prompts per batch. Default: 8.")
+    return add_run_dir_and_sampling(p)
 
 
 def chat_main(argv: list[str]) -> int:
-    """``qlorakit chat RUN_DIR [--temperature 0.7 --max_new_tokens 256 --system TEXT]``."""
-    usage = "usage: qlorakit chat RUN_DIR [--temperature T --top_p P --top_k K --max_new_tokens N " \
-            "--repetition_penalty R --system TEXT]"
-    run_dir, sampling, extra = _parse_sampling(argv, usage, {"system": ""})
-    model, tokenizer, cfg = load_run(run_dir)
-    history: list[Message] = [Message("system", extra["system"])] if extra["system"] else []
+    """``qlorakit chat RUN_DIR [--system TEXT] [sampling options]``."""
+    args = chat_parser().parse_args(argv)
+    sampling = sampling_of(args)
+    model, tokenizer, cfg = load_run(args.run_dir)
+    opening: list[Message] = [Message("system", args.system)] if args.system else []
+    history = list(opening)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"qlorakit chat: {cfg.prompt_format} format; /reset clears the history, /quit or Ctrl-D ends.")
@@ -50,31 +82,26 @@ def chat_main(argv: list[str]) -> int:
         if line.strip() == "/quit":
             break
         if line.strip() == "/reset":
-            history = history[:1] if history and history[0].role == "system" else []
+            history = list(opening)
             continue
         history.append(Message("user", line))
         if interactive:
             print("assistant> ", end="", flush=True)
-        reply = stream_reply(model, tokenizer, cfg.prompt_format, history, sampling)
+        # sys.stdout as it is now (stream_reply's default is the one of its import time)
+        reply = stream_reply(model, tokenizer, cfg.prompt_format, history, sampling, out=sys.stdout)
         history.append(Message("assistant", reply))
     return 0
 
 
 def generate_main(argv: list[str]) -> int:
     """``qlorakit generate RUN_DIR --input prompts.jsonl --output answers.jsonl [sampling options]``."""
-    usage = "usage: qlorakit generate RUN_DIR --input FILE --output FILE [--batch_size N] [sampling options]"
-    run_dir, sampling, extra = _parse_sampling(argv, usage, {"input": "", "output": "", "batch_size": "8"})
-    if not extra["input"] or not extra["output"]:
-        raise UserError("generate: --input FILE and --output FILE are both needed")
-    prompts = read_prompts(Path(extra["input"]))
-    model, tokenizer, cfg = load_run(run_dir)
-    try:
-        bs = int(extra["batch_size"])
-    except ValueError:
-        raise UserError(f"--batch_size: {extra['batch_size']!r} is not an integer") from None
-    replies = generate_replies(model, tokenizer, cfg.prompt_format, [p.messages for p in prompts], sampling, bs)
-    with open(extra["output"], "w", encoding="utf-8") as f:
+    args = generate_parser().parse_args(argv)
+    prompts = read_prompts(Path(args.input))
+    model, tokenizer, cfg = load_run(args.run_dir)
+    replies = generate_replies(model, tokenizer, cfg.prompt_format, [p.messages for p in prompts], sampling_of(args),
+                               args.batch_size)
+    with open(args.output, "w", encoding="utf-8") as f:
         for p, r in zip(prompts, replies):
             f.write(json.dumps({**p.row, "generated": r}, ensure_ascii=False) + "\n")
-    print(f"qlorakit generate: {len(replies)} replies written to {extra['output']}", file=sys.stderr)
+    print(f"qlorakit generate: {len(replies)} replies written to {args.output}", file=sys.stderr)
     return 0

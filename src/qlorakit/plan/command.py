@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import sys
 from pathlib import Path
 
 from ..errors import UserError
-from ..model.memory import OPTIMIZER_STATE_BYTES
+from ..model.memory import CUDA_CONTEXT_BYTES, GIB, OPTIMIZER_STATE_BYTES
+from ..options import Parser, boolean, integer, number, positive_integer, positive_number
 from ..resources import plan_preset
 from .estimate import estimate_memory, format_plan
 
 SHIPPED_MODELS = ("mpt-30b", "llama-33b", "llama-65b", "llama-2-70b")
-
-# --- command line -----------------------------------------------------------------------------------------------
 
 
 def load_model_config(model: str) -> tuple[dict, str]:
@@ -39,74 +38,109 @@ def load_model_config(model: str) -> tuple[dict, str]:
     return config, model
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"{message}, see 'qlorakit plan --help'")
+PLAN_DESCRIPTION = """Peak GPU memory per device of a QLoRA run, from the model's config.json alone: know before
+you rent.
+
+The settings are 'qlorakit train' keys, so a run's config can be planned as is (--config run.yaml), and each
+'would fit' suggestion is flags you can paste after your own 'qlorakit train' arguments. Without --config the
+defaults are the QLoRA paper's 65B run (below); with it, a key the file leaves out takes train's default. A flag
+wins over the file. 'auto' (bf16, gradient_checkpointing) is decided as training decides it on a GPU: bf16 on
+(Ampere or newer), checkpointing on when the activations of the largest micro-batch would take over half of the
+memory left after the weights."""
+DEFAULTS = {name: p.default for name, p in inspect.signature(estimate_memory).parameters.items()
+            if p.kind is p.KEYWORD_ONLY}
+AUTO_KEYS = ("bf16", "gradient_checkpointing")
 
 
-def _boolean(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expects true or false, got {text!r}")
+def _auto_or_boolean(text: str) -> bool | str:
+    return "auto" if text.lower() == "auto" else boolean(text)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expects a whole number of at least 1, got {text!r}")
-    return value
+# The train keys the plan reads: (value type, metavar or None for the choices, choices, the planner's old name).
+TRAIN_KEYS = {
+    "bits": (integer, None, (4, 8, 16), None),
+    "double_quant": (boolean, "true|false", None, None),
+    "lora_r": (positive_integer, "N", None, None),
+    "lora_modules": (str, "all|NAMES", None, None),
+    "lora_dropout": (number, "X", None, None),
+    "per_device_train_batch_size": (positive_integer, "N", None, "--micro_batch"),
+    "gradient_accumulation_steps": (positive_integer, "N", None, None),
+    "model_max_len": (positive_integer, "N", None, "--seq_len"),
+    "gradient_checkpointing": (_auto_or_boolean, "true|false|auto", None, None),
+    "optim": (str, None, tuple(OPTIMIZER_STATE_BYTES), None),
+    "bf16": (_auto_or_boolean, "true|false|auto", None, None),
+    "fsdp": (boolean, "true|false", None, None),
+}
+PLAN_NOTES = {
+    "model_max_len": " The plan counts every example at this length: the largest micro-batch.",
+    "gradient_accumulation_steps": " It does not change the peak; suggestions that shrink the micro-batch raise it "
+                                   "to keep the effective batch.",
+}
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expects a number above 0, got {text!r}")
-    return value
+def plan_parser() -> Parser:
+    from ..config import FIELDS
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="qlorakit plan", description="Peak GPU memory per device of a QLoRA run, from the config.")
-    p.add_argument("model", help=f"{', '.join(SHIPPED_MODELS)}, a config.json path, or a model directory")
-    p.add_argument("--bits", type=int, choices=(4, 8, 16), default=4)
-    p.add_argument("--double_quant", type=_boolean, default=True)
-    p.add_argument("--lora_r", type=_positive_int, default=64)
-    p.add_argument("--lora_modules", default="all", help="'all' or a comma-separated list of layer names")
-    p.add_argument("--lora_dropout", type=float, default=0.05)
-    p.add_argument("--micro_batch", type=_positive_int, default=1)
-    p.add_argument("--seq_len", type=_positive_int, default=512)
-    p.add_argument("--gradient_checkpointing", type=_boolean, default=True)
-    p.add_argument("--optim", choices=tuple(OPTIMIZER_STATE_BYTES), default="paged_adamw_32bit")
-    p.add_argument("--bf16", type=_boolean, default=True)
-    p.add_argument("--world_size", type=_positive_int, default=1)
-    p.add_argument("--fsdp", type=_boolean, default=False)
-    p.add_argument("--device_gib", type=_positive_float, default=48.0)
+    p = Parser("qlorakit plan", usage="qlorakit plan [MODEL] [--config RUN.yaml] [--key value ...] [--device_gib G]",
+               description=PLAN_DESCRIPTION)
+    p.add_argument("model", nargs="?", metavar="MODEL", help=f"{', '.join(SHIPPED_MODELS)}, a config.json path, or "
+                   "a model directory; default: the model_name_or_path of --config")
+    p.add_argument("--config", metavar="RUN.yaml", help="a 'qlorakit train' config file: the run to plan")
+    p.add_argument("--device_gib", type=positive_number, default=48.0, metavar="G",
+                   help="memory of one GPU in GiB, to say whether the run fits and what would. Default: 48.")
+    g = p.add_argument_group("train keys", "As 'qlorakit train' takes them. 'Default here' is the plan's without "
+                             "--config:\nthe QLoRA paper's 65B run.")
+    for key, (typ, metavar, choices, old) in TRAIN_KEYS.items():
+        default = str(DEFAULTS[key]).lower() if isinstance(DEFAULTS[key], bool) else DEFAULTS[key]
+        g.add_argument(f"--{key}", *([old] if old else []), dest=key, type=typ, metavar=metavar, choices=choices,
+                       default=argparse.SUPPRESS,
+                       help=f"{FIELDS[key].metadata['help']}{PLAN_NOTES.get(key, '')} Default here: {default}.")
+    g.add_argument("--nproc", "--world_size", dest="world_size", type=positive_integer, metavar="N",
+                   default=argparse.SUPPRESS, help="GPUs, one process each, as 'qlorakit train --nproc' starts them: "
+                   "DDP (replicated), or FSDP (sharded) with --fsdp true. Default here: 1.")
     return p
 
 
+def run_settings(config_file: str) -> tuple[dict, str | None]:
+    """The plan's settings of a 'qlorakit train' config file (train's defaults for the keys it leaves out), and
+    its model unless that is the embedded default."""
+    from ..config import build_config
+
+    cfg = build_config([config_file])
+    settings = {k: getattr(cfg, k, DEFAULTS[k]) for k in DEFAULTS}  # world_size is not in a config: --nproc
+    for key in AUTO_KEYS:
+        settings[key] = "auto" if settings[key] == "auto" else settings[key] == "true"
+    return settings, None if cfg.model_name_or_path == "default" else cfg.model_name_or_path
+
+
+def resolve_auto(model_config: dict, settings: dict, device_gib: float) -> tuple[dict, list[str]]:
+    """``settings`` with 'auto' decided as training decides it on a GPU, and a line saying so for each."""
+    settings, notes = dict(settings), []
+    if settings["bf16"] == "auto":
+        settings["bf16"] = True
+        notes.append("bf16 auto: on, as on a GPU with fast bfloat16 (Ampere or newer)")
+    if settings["gradient_checkpointing"] == "auto":
+        off = estimate_memory(model_config, **{**settings, "gradient_checkpointing": False})
+        free = device_gib * GIB - off.base_weights - off.lora_weights - CUDA_CONTEXT_BYTES
+        settings["gradient_checkpointing"] = off.activations > free / 2
+        notes.append(f"gradient_checkpointing auto: {'on' if settings['gradient_checkpointing'] else 'off'}, "
+                     f"as training decides it: the largest micro-batch saves {off.activations / GIB:.2f} GiB of "
+                     f"activations without it, {free / GIB:.2f} GiB left after the weights")
+    return settings, notes
+
+
 def plan_main(argv: list[str]) -> int:
-    """``qlorakit plan MODEL [--flags]``: print the plan; a mistake is one line on stderr and exit status 2."""
-    try:
-        args = _parser().parse_args(argv)
-        config, name = load_model_config(args.model)
-        settings = {k: v for k, v in vars(args).items() if k not in ("model", "device_gib")}
-        plan = estimate_memory(config, **settings)
-    except SystemExit as e:  # --help printed its text
-        return e.code if isinstance(e.code, int) else 0
-    except UserError as e:
-        print(f"qlorakit plan: {e}", file=sys.stderr)
-        return 2
+    """``qlorakit plan [MODEL] [--config RUN.yaml] [--key value ...]``: print the plan."""
+    parser = plan_parser()
+    args = parser.parse_args(argv)
+    settings, config_model = run_settings(args.config) if args.config else (dict(DEFAULTS), None)
+    settings.update({k: v for k, v in vars(args).items() if k in DEFAULTS})  # flags win over the file
+    model = args.model or config_model
+    if not model:
+        parser.error("give MODEL, or a --config whose model_name_or_path is a model directory or config.json")
+    config, name = load_model_config(model)
+    settings, notes = resolve_auto(config, settings, args.device_gib)
+    plan = estimate_memory(config, **settings)
     plan.model = name
-    print(format_plan(plan, args.device_gib))
+    print("\n".join([format_plan(plan, args.device_gib), *notes]))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(plan_main(sys.argv[1:]))

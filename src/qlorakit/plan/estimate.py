@@ -63,26 +63,30 @@ class MemoryPlan:
         return self.total_bytes <= device_gib * GIB
 
     def suggestions(self, device_gib: float) -> list[str]:
-        """Changes of settings that bring the peak under ``device_gib``, each as flags with its new total. One knob
-        at a time first; when no single change is enough, the memory savers together, then FSDP on top."""
+        """Changes of settings that bring the peak under ``device_gib``, each as ``qlorakit train`` flags (paste them
+        after your own), then ``: `` and its new total. One knob at a time first; when no single change is enough,
+        the memory savers together, then FSDP on top."""
         if self.fits(device_gib):
             return []
         found = [(flags, plan) for flags, plan in self._single_changes(device_gib) if plan and plan.fits(device_gib)]
         if not found:
             found = [self._combined_change(device_gib)]
-        return [f"{flags}: {plan.total_bytes / GIB:.1f} GiB" for flags, plan in found if plan]
+        return [f"{flags}: {plan.total_bytes / GIB:.1f} GiB{NOTES.get(flags.split()[0], '')}" for flags, plan in found
+                if plan]
 
     def _single_changes(self, device_gib: float) -> list[tuple[str, MemoryPlan | None]]:
         s = self.settings
+        batch, accumulation = s["per_device_train_batch_size"], s["gradient_accumulation_steps"]
         changes = [
+            self._first_fitting(device_gib, [  # the same effective batch: the accumulation makes up for it
+                (f"--per_device_train_batch_size {b} --gradient_accumulation_steps {accumulation * batch // b}",
+                 {"per_device_train_batch_size": b, "gradient_accumulation_steps": accumulation * batch // b})
+                for b in smaller_divisors(batch)]),
             self._first_fitting(device_gib, [
-                (f"--micro_batch {b} with {s['micro_batch'] // b}x the gradient accumulation (same effective batch)",
-                 {"micro_batch": b}) for b in halvings(s["micro_batch"], 1)]),
-            self._first_fitting(device_gib, [
-                (f"--seq_len {n} (longer examples are cut)", {"seq_len": n}) for n in halvings(s["seq_len"], 64)]),
+                (f"--model_max_len {n}", {"model_max_len": n}) for n in halvings(s["model_max_len"], 64)]),
             self._first_fitting(device_gib, [(f"--lora_r {r}", {"lora_r": r}) for r in halvings(s["lora_r"], 4)]),
             self._first_fitting(device_gib, [
-                (f"--fsdp true --world_size {n} (FSDP over {n} GPUs)", {"fsdp": True, "world_size": n})
+                (f"--fsdp true --nproc {n}", {"fsdp": True, "world_size": n})
                 for n in (2, 4, 8, 16) if n > s["world_size"] or not s["fsdp"]]),
         ]
         if not s["gradient_checkpointing"]:
@@ -96,11 +100,15 @@ class MemoryPlan:
         return changes
 
     def _combined_change(self, device_gib: float) -> tuple[str, MemoryPlan | None]:
-        optim = "sgd" if self.settings["optim"] == "sgd" else "paged_adamw_8bit"
-        savers = {"gradient_checkpointing": True, "micro_batch": 1, "bits": 4, "double_quant": True, "optim": optim}
-        flags = f"--gradient_checkpointing true --micro_batch 1 --bits 4 --double_quant true --optim {optim}"
+        s = self.settings
+        optim = "sgd" if s["optim"] == "sgd" else "paged_adamw_8bit"
+        accumulation = s["gradient_accumulation_steps"] * s["per_device_train_batch_size"]
+        savers = {"gradient_checkpointing": True, "per_device_train_batch_size": 1,
+                  "gradient_accumulation_steps": accumulation, "bits": 4, "double_quant": True, "optim": optim}
+        flags = (f"--gradient_checkpointing true --per_device_train_batch_size 1 --gradient_accumulation_steps "
+                 f"{accumulation} --bits 4 --double_quant true --optim {optim}")
         return self._first_fitting(device_gib, [(flags, savers)] + [
-            (f"{flags} --fsdp true --world_size {n}", {**savers, "fsdp": True, "world_size": n})
+            (f"{flags} --fsdp true --nproc {n}", {**savers, "fsdp": True, "world_size": n})
             for n in (2, 4, 8, 16, 32, 64)])
 
     def _first_fitting(self, device_gib: float, candidates: list[tuple[str, dict]]) -> tuple[str, MemoryPlan | None]:
@@ -114,6 +122,16 @@ class MemoryPlan:
         return estimate_memory(self.config, **{**self.settings, **overrides})
 
 
+# What a suggestion that starts with this flag does beside saving memory (no ": " in them: the total is parsed).
+NOTES = {"--per_device_train_batch_size": " (same effective batch)", "--model_max_len": " (longer examples are cut)",
+         "--fsdp": " (FSDP, one process per GPU)"}
+
+
+def smaller_divisors(value: int) -> list[int]:
+    """The divisors of ``value`` below it, largest first: micro-batches that keep the effective batch whole."""
+    return [d for d in range(value - 1, 0, -1) if value % d == 0]
+
+
 def halvings(value: int, floor: int) -> list[int]:
     """value/2, value/4, ... down to ``floor``: the smaller settings worth trying, largest first."""
     out = []
@@ -124,28 +142,36 @@ def halvings(value: int, floor: int) -> list[int]:
 
 
 def estimate_memory(model_config: dict, *, bits: int = 4, double_quant: bool = True, lora_r: int = 64,
-                    lora_modules: str = "all", lora_dropout: float = 0.05, micro_batch: int = 1, seq_len: int = 512,
+                    lora_modules: str = "all", lora_dropout: float = 0.05, per_device_train_batch_size: int = 1,
+                    gradient_accumulation_steps: int = 1, model_max_len: int = 512,
                     gradient_checkpointing: bool = True, optim: str = "paged_adamw_32bit", bf16: bool = True,
                     world_size: int = 1, fsdp: bool = False) -> MemoryPlan:
-    """Peak memory per device of one QLoRA training step; see the module docstring for the components.
+    """Peak memory per device of one QLoRA training step; see the module docstring for the components. The
+    settings are ``qlorakit train``'s keys; ``world_size`` is its ``--nproc``.
+
+    ``per_device_train_batch_size`` x ``model_max_len`` tokens make the largest micro-batch.
+    ``gradient_accumulation_steps`` does not change the peak (gradients add up in place); it is kept so that
+    suggestions can keep the effective batch.
 
     ``bf16`` means what qlorakit does with it: a bf16 load dtype and bf16 autocast (activations 2 bytes); without
     it everything runs in fp32. ``fsdp`` shards base weights and LoRA state over ``world_size`` devices (FSDP2);
     ``world_size`` > 1 without it is DDP, which replicates.
     """
     settings = dict(bits=bits, double_quant=double_quant, lora_r=lora_r, lora_modules=lora_modules,
-                    lora_dropout=lora_dropout, micro_batch=micro_batch, seq_len=seq_len,
+                    lora_dropout=lora_dropout, per_device_train_batch_size=per_device_train_batch_size,
+                    gradient_accumulation_steps=gradient_accumulation_steps, model_max_len=model_max_len,
                     gradient_checkpointing=gradient_checkpointing, optim=optim, bf16=bf16, world_size=world_size,
                     fsdp=fsdp)
     check_settings(settings)
     arch = architecture(model_config)
     targets = lora_targets(arch, lora_modules)
     act = 2 if bf16 else 4
-    tokens = micro_batch * seq_len
+    tokens = per_device_train_batch_size * model_max_len
     shards = world_size if fsdp else 1
     n_lora = lora_parameter_count(arch, targets, lora_r)
 
-    activations = activation_bytes(arch, tokens, seq_len, targets, lora_r, act, lora_dropout, gradient_checkpointing)
+    activations = activation_bytes(arch, tokens, model_max_len, targets, lora_r, act, lora_dropout,
+                                   gradient_checkpointing)
     logits = logits_bytes(arch, tokens, act)
     dequant = dequant_buffer_bytes(arch, bits, act)
     copies = 2 * n_lora if bf16 else 0
@@ -185,7 +211,7 @@ def fsdp_gather_bytes(arch: Architecture, targets: tuple[Linear, ...], bits: int
 def check_settings(s: dict) -> None:
     if s["bits"] not in (4, 8, 16):
         raise UserError(f"bits {s['bits']} is not available, use 4 (QLoRA), 8 or 16")
-    for key in ("lora_r", "micro_batch", "seq_len", "world_size"):
+    for key in ("lora_r", "per_device_train_batch_size", "gradient_accumulation_steps", "model_max_len", "world_size"):
         if not isinstance(s[key], int) or s[key] < 1:
             raise UserError(f"{key} {s[key]!r} is not possible, pass a whole number of at least 1")
     if not 0 <= s["lora_dropout"] < 1:
@@ -193,7 +219,7 @@ def check_settings(s: dict) -> None:
     if s["optim"] not in OPTIMIZER_STATE_BYTES:
         raise UserError(f"optim {s['optim']!r} is unknown, use one of {', '.join(OPTIMIZER_STATE_BYTES)}")
     if s["fsdp"] and s["world_size"] < 2:
-        raise UserError("fsdp needs several devices, set world_size to 2 or more")
+        raise UserError("fsdp needs several devices, set --nproc (world_size) to 2 or more")
 
 
 # --- output -----------------------------------------------------------------------------------------------------
@@ -207,7 +233,8 @@ def format_plan(plan: MemoryPlan, device_gib: float | None = None) -> str:
         f"DDP over {s['world_size']} devices" if s["world_size"] > 1 else "1 device")
     lines = [
         f"{plan.model}: {plan.parameters / 1e9:.1f}B parameters, {plan.lora_parameters / 1e6:.1f}M trainable (LoRA)",
-        f"{quant}, LoRA r {s['lora_r']} on {s['lora_modules']}, micro batch {s['micro_batch']} x seq {s['seq_len']}, "
+        f"{quant}, LoRA r {s['lora_r']} on {s['lora_modules']}, "
+        f"micro batch {s['per_device_train_batch_size']} x seq {s['model_max_len']}, "
         f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optim']}, "
         f"{'bf16' if s['bf16'] else 'fp32'}, {devices}",
         "",
