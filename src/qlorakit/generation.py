@@ -62,8 +62,10 @@ def _compute_bf16(model) -> bool:
 
 
 def stream_reply(model, tokenizer, prompt_format: str, history: list[Message], sampling: Sampling,
-                 out=sys.stdout) -> str:
-    """Generate the next assistant turn for ``history``, printing tokens as they come."""
+                 out=None) -> str:
+    """Generate the next assistant turn for ``history``, printing tokens to ``out`` (``sys.stdout`` as it is at the
+    call, not as it was at import) as they come."""
+    out = out if out is not None else sys.stdout
     from transformers import TextIteratorStreamer
     import threading
 
