@@ -20,7 +20,7 @@ def test_chat_second_turn_sees_the_first_and_reset_forgets_it(run_dir, monkeypat
     prompts, replies, seen = [], [], {}
     stream_reply = commands.stream_reply
 
-    def recording(model, tokenizer, prompt_format, history, sampling, out):
+    def recording(model, tokenizer, prompt_format, history, sampling, out=None):
         seen.update(tokenizer=tokenizer, prompt_format=prompt_format)
         prompts.append(prompt_ids(history, tokenizer, prompt_format))
         replies.append(stream_reply(model, tokenizer, prompt_format, history, sampling, out=out))

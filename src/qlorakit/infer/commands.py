@@ -87,7 +87,6 @@ def chat_main(argv: list[str]) -> int:
         history.append(Message("user", line))
         if interactive:
             print("assistant> ", end="", flush=True)
-        # sys.stdout as it is now (stream_reply's default is the one of its import time)
         reply = stream_reply(model, tokenizer, cfg.prompt_format, history, sampling)
         history.append(Message("assistant", reply))
     return 0
