@@ -90,7 +90,7 @@ BAD_CONFIG = [
     (["--bf16", "maybe"], ["bf16", "maybe"]),
     (["--packing", "yes"], ["packing", "true or false"]),
     (["--lerning_rate", "1e-4"], ["lerning_rate", "did you mean 'learning_rate'"]),
-    (["--max_steps"], ["--max_steps: expected one argument"]),
+    (["--max_steps"], ["max_steps: needs a value (from --max_steps)"]),  # a bare flag is true only for yes/no keys
     (["--learning-rate", "abc"], ["learning_rate", "'abc'", "not a number"]),  # --some-key is --some_key
     (["--learning", "1e-4"], ["unknown key 'learning'"]),  # no abbreviations
     (["--lerning_rate", "1e-4", "--bits", "3", "a.yaml", "b.yaml"],  # every problem at once

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from .compat import ALIASES, add_alias_options, resolve, validate_qlora_keys
 from .errors import UserError
 from .options import Parser, split_extras
 from .resources import SAMPLE_DATASET
@@ -23,8 +24,9 @@ class ConfigError(UserError):
     """A mistake in the user's configuration. The message is meant to be printed as is, without a traceback."""
 
 
-def _f(default, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+def _f(default, help: str, choices: tuple | None = None, many: bool = False):
+    """A config key: its default, help and choices; ``many``: the flag takes several words (joined with commas)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "many": many})
 
 
 @dataclass
@@ -58,7 +60,7 @@ class TrainConfig:
     dataset: str = _f("default", "Training data: a JSONL file, or 'default' (the embedded airoboros sample).")
     dataset_format: str = _f("auto", "Row layout.", ("auto", "airoboros", "alpaca", "messages"))
     prompt_format: str = _f("airoboros", "How conversations are rendered to text.",
-                            ("airoboros", "vicuna", "alpaca", "chatml", "tokenizer"))
+                            ("airoboros", "vicuna", "alpaca", "chatml", "llama2", "tokenizer"))
     model_max_len: int = _f(1024, "Longest example in tokens.")
     truncation: str = _f("truncate", "What to do with a longer example: cut it ('truncate') or 'drop' it. "
                          "Either way it is counted in the log.", ("truncate", "drop"))
@@ -100,6 +102,37 @@ class TrainConfig:
     logging_steps: int = _f(1, "Log every N optimizer steps.")
     # --- distributed ---
     fsdp: bool = _f(False, "Under torchrun: shard the model with FSDP2 instead of replicating it with DDP.")
+    # --- keys of qlora, its fork and the Hugging Face Trainer (docs/coming-from-qlora.md) ---
+    source_max_len: int = _f(0, "qlora's cut: each prompt keeps its first N tokens (the BOS counts), as qlora's "
+                             "collator cuts its input; 0 = no limit. model_max_len still caps the whole example.")
+    target_max_len: int = _f(0, "qlora's cut: each reply keeps its first N tokens (its end token counts); 0 = no "
+                             "limit.")
+    max_train_samples: int = _f(0, "Train on the first N examples of the training split only; 0 = all.")
+    max_eval_samples: int = _f(0, "Evaluate on the first N examples of the eval split only; 0 = all.")
+    data_seed: int = _f(-1, "Seed of the eval split and the example order; -1 = seed.")
+    adam_beta1: float = _f(0.9, "AdamW's beta1 (decay of the gradient average).")
+    adam_beta2: float = _f(0.999, "AdamW's beta2 (decay of the squared-gradient average).")
+    adam_epsilon: float = _f(1e-8, "AdamW's epsilon.")
+    attn_implementation: str = _f("auto", "Attention kernel: auto (transformers' choice, SDPA where the model has "
+                                  "it), sdpa, eager, or flash_attention_2 (a CUDA GPU with the flash-attn package; "
+                                  "elsewhere the log says what is used instead).",
+                                  ("auto", "sdpa", "eager", "flash_attention_2"))
+    working_dir: str = _f("", "Where checkpoint-STEP folders go (the fork's name); '' = output_dir.")
+    merged_output_dir: str = _f("", "After training, merge the adapter into its base and save a plain transformers "
+                                "model here, as 'qlorakit merge' does; '' = no merge.")
+    logging_strategy: str = _f("steps", "When to log the training loss: every logging_steps steps, at the end of "
+                               "each epoch, or never.", ("steps", "epoch", "no"))
+    report_to: str = _f("none", "Trackers that also get the metrics, the config and the model card: none, or some "
+                        "of tensorboard, wandb, mlflow, trackio (comma-separated, or several words); all = those "
+                        "installed.", many=True)
+    run_name: str = _f("", "The run's name in those trackers; '' = the output_dir folder's name.")
+    do_mmlu_eval: bool = _f(False, "At each evaluation also score MMLU accuracy (qlora's MMLU callback).")
+    mmlu_dataset: str = _f("mmlu-fs", "The MMLU file: a JSON or JSONL file of {subject, input, output} rows, or "
+                           "qlora's names mmlu-fs (five-shot) and mmlu-zs (zero-shot), read from data/mmlu/ as in "
+                           "a qlora checkout.")
+    mmlu_split: str = _f("eval", "With mmlu-fs or mmlu-zs: the validation (eval) or test file.", ("eval", "test"))
+    max_mmlu_samples: int = _f(0, "Score the first N MMLU questions only; 0 = all.")
+    mmlu_source_max_len: int = _f(2048, "Longest MMLU prompt in tokens; a longer one keeps its end (the question).")
 
     # ------------------------------------------------------------------
     def use_bf16(self) -> bool:
@@ -111,6 +144,14 @@ class TrainConfig:
     def dataset_path(self) -> Path:
         """The training rows' file: ``default`` is the sample shipped in qlorakit/resources."""
         return SAMPLE_DATASET if self.dataset == "default" else Path(self.dataset)
+
+    def data_order_seed(self) -> int:
+        """The seed of the eval split and the example order: data_seed where given, else seed."""
+        return self.seed if self.data_seed < 0 else self.data_seed
+
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoint-STEP folders go: working_dir where given, else output_dir."""
+        return Path(self.working_dir or self.output_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,12 +198,13 @@ def _coerce(key: str, value, source: str):
 def _suggest(key: str) -> str:
     import difflib
 
-    close = difflib.get_close_matches(key, FIELDS, n=1)
+    close = difflib.get_close_matches(key, [*FIELDS, *ALIASES], n=1)
     return f"; did you mean '{close[0]}'?" if close else "; see 'qlorakit train --help'"
 
 
 SECTIONS = {"model_name_or_path": "model", "lora_r": "LoRA", "dataset": "data", "output_dir": "schedule",
-            "eval_strategy": "evaluation, checkpoints, logging", "fsdp": "distributed"}  # first key: section title
+            "eval_strategy": "evaluation, checkpoints, logging", "fsdp": "distributed",
+            "source_max_len": "qlora and Trainer"}  # first key: section title
 TRAIN_USAGE = "qlorakit train [CONFIG.yaml] [--key value ...] [--nproc N]"
 TRAIN_DESCRIPTION = """Fine-tune a causal LM with QLoRA. Without arguments: the embedded default job
 (SmolLM2-135M-Instruct on the shipped airoboros sample, into runs/default).
@@ -191,9 +233,11 @@ def add_config_options(parser: Parser) -> Parser:
         if name in SECTIONS:
             group = parser.add_argument_group(f"{SECTIONS[name]} keys")
         help = f"{f.metadata['help']} Default: {_show(f.default)}."
-        group.add_argument(f"--{name}", metavar=_metavar(name, f), default=argparse.SUPPRESS,
-                           help=help.replace("%", "%%"))
-    return parser
+        # nargs "?": a bare --key is read too (true for a yes/no key, as Hugging Face's parser reads it; for any
+        # other key config_from_mapping says it needs a value, with every other problem)
+        group.add_argument(f"--{name}", metavar=_metavar(name, f), nargs="*" if f.metadata["many"] else "?",
+                           const=None, default=argparse.SUPPRESS, help=help.replace("%", "%%"))
+    return add_alias_options(parser)
 
 
 def train_parser() -> Parser:
@@ -207,7 +251,7 @@ def parse_args(argv: list[str], parser: Parser | None = None
     ``--key value`` given, known keys and unknown ones alike, as key -> (value, '--key')). Unknown keys are left to
     ``config_from_mapping``, which reports them with the other problems and suggests the nearest key."""
     ns, extras = (parser or train_parser()).parse_known_args(argv)
-    flags = {k: (v, f"--{k}") for k, v in vars(ns).items() if k in FIELDS}
+    flags = {k: (v, f"--{k}") for k, v in vars(ns).items() if k in FIELDS or k in ALIASES}
     positionals = []
     for option, value in split_extras(extras):
         if option is None:
@@ -232,13 +276,14 @@ def load_yaml(path: str) -> dict[str, tuple[object, str]]:
     return {str(k): (v, path) for k, v in data.items()}
 
 
-def build_config(argv: list[str]) -> TrainConfig:
+def build_config(argv: list[str], warnings: list[str] | None = None) -> TrainConfig:
     """``[CONFIG.yaml] [--key value ...]``: the YAML file, then flags (flags win), then validation. Raises
-    ConfigError listing every problem."""
-    return read_args(argv)[0]
+    ConfigError listing every problem; ``warnings`` gets a line for each name given that has no effect here."""
+    return read_args(argv, warnings=warnings)[0]
 
 
-def read_args(argv: list[str], parser: Parser | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+def read_args(argv: list[str], parser: Parser | None = None, warnings: list[str] | None = None
+              ) -> tuple[TrainConfig, argparse.Namespace]:
     """``build_config`` with ``parser`` (train's keys plus options of a command's own, such as --nproc); also
     returns the parser's namespace for those."""
     ns, positionals, flags = parse_args(argv, parser)
@@ -250,18 +295,32 @@ def read_args(argv: list[str], parser: Parser | None = None) -> tuple[TrainConfi
         except ConfigError as e:
             problems.append(str(e))
     merged.update(flags)
-    return config_from_mapping(merged, problems), ns
+    return config_from_mapping(merged, problems, warnings), ns
 
 
-def config_from_mapping(merged: dict[str, tuple[object, str]], problems: list[str] | None = None) -> TrainConfig:
+def _yes_no(key: str) -> bool:
+    return _TYPES[key] is bool or "true" in (FIELDS[key].metadata.get("choices") or ())
+
+
+def config_from_mapping(merged: dict[str, tuple[object, str]], problems: list[str] | None = None,
+                        warnings: list[str] | None = None) -> TrainConfig:
     """The TrainConfig of key -> (value, where it came from); ``problems`` found before are reported with the
-    ones found here, all at once."""
-    problems = list(problems or [])
+    ones found here, all at once. Names of qlora, its fork and the Trainer are read as ``compat`` says; the lines
+    of those that have no effect go to ``warnings``."""
+    merged, alias_problems, alias_warnings = resolve(merged)
+    problems = list(problems or []) + alias_problems
+    if warnings is not None:
+        warnings += alias_warnings
     values = {}
     for key, (value, source) in merged.items():
         if key not in FIELDS:
             problems.append(f"unknown key '{key}' (from {source}){_suggest(key)}")
             continue
+        if value is None or value == []:  # a bare --key, or a YAML key without a value
+            if not _yes_no(key):
+                problems.append(f"{key}: needs a value (from {source})")
+                continue
+            value = "true"
         try:
             values[key] = _coerce(key, value, source)
         except ConfigError as e:
@@ -309,7 +368,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append("early_stopping_patience: needs evaluation; set eval_strategy to steps or epoch")
     if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
         problems.append("load_best_model_at_end: needs evaluation; set eval_strategy to steps or epoch")
-    return problems
+    return problems + validate_qlora_keys(cfg)  # compat.py
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
