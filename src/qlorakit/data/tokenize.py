@@ -50,7 +50,8 @@ class TokenizeReport:
 # What the length policy did to one example; the order is the code stored with cached examples.
 STATUSES = ("kept", "truncated", "dropped_too_long", "dropped_no_trained_tokens")
 _STATUS_LABELS = {"truncated": "truncated to the length limits",
-                  "dropped_too_long": "dropped: longer than model_max_len", "dropped_no_trained_tokens": "dropped: no trained token left (prompt fills model_max_len)"}
+                  "dropped_too_long": "dropped: longer than model_max_len",
+                  "dropped_no_trained_tokens": "dropped: no trained token left (prompt fills model_max_len)"}
 
 
 def policy_lines(kept: int, changed: dict[str, tuple[int, list[str]]]) -> list[str]:
