@@ -28,9 +28,11 @@ from ..model.lora import add_lora, target_modules, trainable_report
 from . import checkpoint as ckpt
 from . import processes, schedule
 from .distributed import load_adapter, load_optimizer, unwrap, wrap_model
+from .mmlu import MMLU, load_mmlu, mmlu_file
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .progress import Metrics, Progress
 from .step import accumulate, supports_packing
+from .tracking import Trackers, require_trackers, start_trackers
 from .validate import eval_loss
 
 log = logging.getLogger("qlorakit")
@@ -69,14 +71,22 @@ class Run:
     metrics: Metrics
     bar: Progress
     hooks: Hooks = field(default_factory=Hooks)
+    mmlu: MMLU | None = None  # do_mmlu_eval's questions, scored at each evaluation
+    trackers: Trackers = field(default_factory=Trackers)  # report_to's (rank 0)
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def ckpt_dir(self) -> Path:
+        """Where checkpoint-STEP folders go: working_dir, or the run directory."""
+        return self.cfg.checkpoint_dir()
+
     def epoch_steps(self, epoch: int) -> list[schedule.ScheduledStep]:
         cfg = self.cfg
-        return schedule.epoch_steps(len(self.train_ex), epoch, seed=cfg.seed, micro=cfg.per_device_train_batch_size,
+        return schedule.epoch_steps(len(self.train_ex), epoch, seed=cfg.data_order_seed(),
+                                    micro=cfg.per_device_train_batch_size,
                                     accum=cfg.gradient_accumulation_steps, world_size=self.info.world_size,
                                     rank=self.info.rank,
                                     lengths=[len(e) for e in self.train_ex] if cfg.group_by_length else None)
@@ -102,16 +112,17 @@ def read_data(cfg: TrainConfig) -> tuple[list[Conversation], list[Conversation],
         train_convs, eval_convs = convs, read_jsonl(cfg.eval_dataset, cfg.dataset_format)
         split_line = f"eval: {len(eval_convs)} rows from {cfg.eval_dataset}"
     else:
-        train_convs, eval_convs = split_eval(convs, cfg.eval_dataset_size, cfg.seed)
-        split_line = (f"eval: {len(eval_convs)} of {len(convs)} rows held out (seed {cfg.seed})" if eval_convs
-                      else "eval: none (set eval_dataset_size or eval_dataset)")
+        train_convs, eval_convs = split_eval(convs, cfg.eval_dataset_size, cfg.data_order_seed())
+        split_line = (f"eval: {len(eval_convs)} of {len(convs)} rows held out (seed {cfg.data_order_seed()})"
+                      if eval_convs else "eval: none (set eval_dataset_size or eval_dataset)")
     return train_convs, eval_convs, [f"data: {len(convs)} rows from {path}", split_line]
 
 
 def tokenize_data(cfg: TrainConfig, tokenizer, train_convs, eval_convs) -> tuple[list[Example], list[Example],
                                                                                   list[str]]:
     """Examples with the length policy applied, and report lines that account for every row."""
-    kw = dict(truncation=cfg.truncation, train_on_source=cfg.train_on_source)
+    kw = dict(truncation=cfg.truncation, train_on_source=cfg.train_on_source, source_max_len=cfg.source_max_len,
+              target_max_len=cfg.target_max_len)
     train_ex, rep = tokenize_all(train_convs, tokenizer, cfg.prompt_format, cfg.model_max_len, **kw)
     lines = [f"train: {x}" for x in rep.lines()]
     eval_ex: list[Example] = []
@@ -121,6 +132,19 @@ def tokenize_data(cfg: TrainConfig, tokenizer, train_convs, eval_convs) -> tuple
     if not train_ex:
         raise UserError("no training example left after applying model_max_len; raise model_max_len or "
                         "check the data with 'qlorakit data check'")
+    return train_ex, eval_ex, lines
+
+
+def first_examples(cfg: TrainConfig, train_ex, eval_ex, lines: list[str]):
+    """qlora's max_train_samples and max_eval_samples: the first N examples of each split (0: all of them), and the
+    report lines with a line for each cut."""
+    lines = list(lines)
+    for key, n, name in (("max_train_samples", cfg.max_train_samples, "train"),
+                         ("max_eval_samples", cfg.max_eval_samples, "eval")):
+        examples = train_ex if name == "train" else eval_ex
+        if n and len(examples) > n:
+            lines.append(f"{name}: the first {n} of {len(examples)} examples ({key})")
+            train_ex, eval_ex = (train_ex[:n], eval_ex) if name == "train" else (train_ex, eval_ex[:n])
     return train_ex, eval_ex, lines
 
 
@@ -185,17 +209,20 @@ def log_summary(cfg: TrainConfig, info: processes.DistInfo, model, base_path: st
 
 
 def prepare_output_dir(cfg: TrainConfig, info: processes.DistInfo) -> Path:
-    """The run directory, created; what a run killed inside a save left there is tidied (rank 0)."""
+    """The run directory (and working_dir, where checkpoints go), created; what a run killed inside a save left
+    there is tidied (rank 0)."""
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir: {out} is a file, not a directory; give a directory for the run (a new one is "
-                        "created) or move the file away")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent that is a file, no permission
-        raise UserError(f"output_dir: cannot create {out} ({e.strerror}); give a directory you can write to") from None
+    for key, where in (("output_dir", out), ("working_dir", cfg.checkpoint_dir())):
+        if where.exists() and not where.is_dir():
+            raise UserError(f"{key}: {where} is a file, not a directory; give a directory for the run (a new one "
+                            "is created) or move the file away")
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent that is a file, no permission
+            raise UserError(f"{key}: cannot create {where} ({e.strerror}); give a directory you can write "
+                            "to") from None
     if info.is_main:
-        ckpt.recover_partial_saves(out)  # what a run killed inside a save left behind
+        ckpt.recover_partial_saves(cfg.checkpoint_dir())  # what a run killed inside a save left behind
     processes.barrier(info)
     return out
 
@@ -239,9 +266,13 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="qlorakit: %(message)s")
     device = devices.device_for_training()
     out = prepare_output_dir(cfg, info)
+    if info.is_main:
+        require_trackers(cfg.report_to)
+    if cfg.do_mmlu_eval:
+        mmlu_file(cfg.mmlu_dataset, cfg.mmlu_split)  # a missing MMLU file is refused before the model loads
     resume_path = None
     if cfg.resume_from_checkpoint:  # refused before any time goes into loading the model
-        resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, out)
+        resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.checkpoint_dir())
         ckpt.check_resumable(resume_path, cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -249,6 +280,8 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     train_convs, eval_convs, data_lines = read_data(cfg)
     model, tokenizer, base_path, modules = build_model(cfg, device)
     train_ex, eval_ex, token_lines = tokenize_data(cfg, tokenizer, train_convs, eval_convs)
+    train_ex, eval_ex, token_lines = first_examples(cfg, train_ex, eval_ex, token_lines)
+    mmlu = load_mmlu(cfg, tokenizer)
     packing = cfg.packing and supports_packing(model)
     if packing and use_packed_attention(model.get_base_model()) and info.is_main:
         log.info("attention: causal SDPA within each packed example (no work across examples)")
@@ -265,7 +298,8 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
         log_summary(cfg, info, model, base_path, modules, data_lines + token_lines, len(train_ex), total, packing)
     model = wrap_model(model, cfg, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     scheduler = build_scheduler(optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type)
     state = ckpt.TrainState(total_steps=total, world_size=info.world_size)
     if resume_path is not None:
@@ -274,11 +308,14 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
             scheduler = reschedule(cfg, optimizer, state, total, info)
     if info.is_main:
         save_config(cfg, out / "qlorakit_config.yaml")
-    metrics = Metrics(out / "metrics.jsonl", state.step if resume_path else None, enabled=info.is_main)
-    bar = Progress(total, state.step, cfg.logging_steps, enabled=progress and info.is_main)
+    trackers = start_trackers(cfg, out, info.is_main)  # last: nothing after it can fail and leave them open
+    metrics = Metrics(out / "metrics.jsonl", state.step if resume_path else None, enabled=info.is_main,
+                      also=trackers.log)
+    bar = Progress(total, state.step, cfg.logging_steps if cfg.logging_strategy == "steps" else 1,
+                   enabled=progress and info.is_main)
     per_epoch = schedule.steps_per_epoch(len(train_ex), cfg.per_device_train_batch_size,
                                          cfg.gradient_accumulation_steps, info.world_size)
     return Run(cfg=cfg, info=info, device=device, out=out, model=model, tokenizer=tokenizer, train_ex=train_ex,
                eval_ex=eval_ex, packing=packing, use_bf16=cfg.use_bf16(), params=params, optimizer=optimizer,
                scheduler=scheduler, state=state, total_steps=total, steps_per_epoch=per_epoch, metrics=metrics,
-               bar=bar, hooks=hooks)
+               bar=bar, hooks=hooks, mmlu=mmlu, trackers=trackers)
