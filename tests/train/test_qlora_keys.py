@@ -108,6 +108,8 @@ def test_mmlu_is_scored_at_each_evaluation(args, tmp_path):
                 "1", "--do_mmlu_eval", "--mmlu_dataset", str(path), "--max_mmlu_samples", "4"], progress=False)
     rows = read_metrics(run_dir, "mmlu_eval_accuracy")
     assert [r["step"] for r in rows] == [1, 2] and all("eval_loss" in r for r in rows)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"MMLU (eval split) accuracy, qlora's scoring: {rows[0]['mmlu_eval_accuracy']:.4f} at step 1, " in card
     assert set(rows[0]) >= {"mmlu_loss", "mmlu_eval_accuracy_algebra", "mmlu_eval_accuracy_anatomy"}
     # the score: the largest of the A-D logits at the prompt's last token, per subject, then their mean
     run = set_up([*args, "--do_mmlu_eval", "--mmlu_dataset", str(path), "--max_mmlu_samples", "4"])
