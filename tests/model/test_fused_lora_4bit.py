@@ -17,8 +17,8 @@ pytestmark = pytest.mark.numerics  # rerun on AVX2 kernels where the CPU has AVX
 IDS = torch.arange(5, 70)[None]
 
 
-def _model(path, dropout: float, fused: bool, bf16: bool, checkpointing: bool = False):
-    base = load_base_model(str(path), bits=4, bf16=bf16, device=torch.device("cpu"))
+def _model(path, dropout: float, fused: bool, bf16: bool, checkpointing: bool = False, device: str = "cpu"):
+    base = load_base_model(str(path), bits=4, bf16=bf16, device=torch.device(device))
     if checkpointing:
         enable_gradient_checkpointing(base)
     model = add_lora(base, r=4, alpha=8, dropout=dropout, modules=target_modules(base, "all"), seed=0)
@@ -37,8 +37,8 @@ def _model(path, dropout: float, fused: bool, bf16: bool, checkpointing: bool = 
     return model
 
 
-def _autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def _autocast(bf16: bool, device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def _loss_and_grads(model, bf16: bool, seed: int = 11):
@@ -69,10 +69,10 @@ def test_fused_equals_peft_on_a_4bit_base(tiny_llama, dropout, bf16):
     assert worst <= (8e-2 if bf16 else 1e-4), worst
 
 
-def _layer(tiny_llama, dropout: float, bf16: bool):
+def _layer(tiny_llama, dropout: float, bf16: bool, device: str = "cpu"):
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    model = _model(tiny_llama, dropout, True, bf16)
+    model = _model(tiny_llama, dropout, True, bf16, device=device)
     return next(m for m in model.modules() if type(m) is LoraLinear4bit)
 
 
@@ -83,7 +83,7 @@ def _run_layer(layer, x, g, bf16: bool, fused: bool):
     x = x.detach().clone().requires_grad_()
     forward = layer.forward if fused else type(layer).forward.__get__(layer)
     torch.manual_seed(5)
-    with _autocast(bf16):
+    with _autocast(bf16, x.device.type):
         out = forward(x)
     out.backward(g)
     return [out.detach().float(), x.grad.float(), layer.lora_A["default"].weight.grad,
@@ -93,10 +93,14 @@ def _run_layer(layer, x, g, bf16: bool, fused: bool):
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_one_4bit_layer_equals_peft_to_rounding_and_a_wrong_scale_is_caught(tiny_llama, dropout, bf16):
-    layer = _layer(tiny_llama, dropout, bf16)
+    _layer_agrees(_layer(tiny_llama, dropout, bf16), bf16)
+
+
+def _layer_agrees(layer, bf16: bool):
     dtype = torch.bfloat16 if bf16 else torch.float32
-    x = torch.randn(2, 33, layer.in_features, generator=torch.Generator().manual_seed(1)).to(dtype)
-    g = torch.randn(2, 33, layer.out_features, generator=torch.Generator().manual_seed(2)).to(dtype)
+    dev = layer.lora_A["default"].weight.device
+    x = torch.randn(2, 33, layer.in_features, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
+    g = torch.randn(2, 33, layer.out_features, generator=torch.Generator().manual_seed(2)).to(dev, dtype)
     ours, theirs = _run_layer(layer, x, g, bf16, True), _run_layer(layer, x, g, bf16, False)
     tol = 1e-2 if bf16 else 1e-5  # bf16 carries 8 bits: 2**-8 = 3.9e-3 per rounding
     for a, b in zip(ours, theirs):
@@ -200,3 +204,10 @@ def test_cast_cache_sees_a_checkpoint_load(tiny_llama):
         base = model(input_ids=IDS, labels=IDS).loss.float()
     assert cache.casts > 0 and not torch.equal(before, after)
     torch.testing.assert_close(after, base)  # B = 0: the adapter adds nothing once the new weights are seen
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_cuda_4bit_layer_equals_peft_under_bf16_autocast(bare_llama, dropout):
+    """bitsandbytes' CUDA kernels (not its CPU path) under the fused branch."""
+    _layer_agrees(_layer(bare_llama, dropout, True, device="cuda"), True)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import airoboros_rows
+from helpers import airoboros_rows, random_examples
 from qlorakit.data.batching import collate_packed, collate_varlen
 from qlorakit.data.formats import Conversation, Message
 from qlorakit.data.tokenize import IGNORE, tokenize_all
@@ -213,14 +213,14 @@ def test_cuda_backend_equals_the_sdpa_loop_without_a_host_sync(backend):
 
 
 @pytest.mark.cuda
-def test_cuda_packed_model_equals_each_example_alone(tiny_llama, tokenizer):
+def test_cuda_packed_model_equals_each_example_alone(bare_llama):
     from transformers import AutoModelForCausalLM
 
     from qlorakit.data.batching import to_device
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16, device_map={"": "cuda"}).eval()
+    model = AutoModelForCausalLM.from_pretrained(bare_llama, dtype=torch.bfloat16, device_map={"": "cuda"}).eval()
     assert att.use_packed_attention(model)
-    exs = examples(tokenizer)
+    exs = random_examples([40, 7, 90, 33])
     dev = torch.device("cuda")
     alone = [per_token_loss(model, to_device(collate_varlen([e]), dev))[0] for e in exs]
     together = per_token_loss(model, to_device(collate_varlen(exs), dev))[0]
