@@ -70,13 +70,13 @@ def step_tokens(step) -> int:
     return sum(len(ex) for row in step for ex in row)
 
 
-def useful_flops(model_dir: str, step, lora_r: int) -> float:
-    """Model FLOPs of one step that the job needs, the same count for every tool: forward and backward of every
+def useful_flops(model_dir: str, steps, lora_r: int) -> float:
+    """Model FLOPs of ``steps`` that the job needs, the same count for every tool: forward and backward of every
     token, LoRA weight gradients, logits of the trained positions; no recomputation (benchmarks/vs_trl.py)."""
     from vs_trl import job_flops, model_shape
 
-    shape = model_shape(model_dir, lora_r)
-    examples = [(len(ex), len(ex) - 1) for row in step for ex in row]
+    shape = model_shape(model_dir, lora_r)  # a meta-device model: read once
+    examples = [(len(ex), len(ex) - 1) for step in steps for row in step for ex in row]
     return job_flops(shape, examples, "trained", 4, checkpointing=False)
 
 

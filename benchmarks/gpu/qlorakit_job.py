@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         result |= {"losses": losses, "step0_loss": losses[0], **peak_memory(device),
                    **summarize(ends, t0, steps, job["warmup_steps"])}
         write_json(args.out, result)
-    flops = sum(useful_flops(args.model, s, job["lora_r"]) for s in steps[job["warmup_steps"]:])
+    flops = useful_flops(args.model, steps[job["warmup_steps"]:], job["lora_r"])
     result |= {"useful_flops_per_second": flops / result["measured_seconds"],
                "tokens_per_step": [step_tokens(s) for s in steps], "wall_seconds": time.perf_counter() - t_start}
     if "peak_allocated_gib" in result:

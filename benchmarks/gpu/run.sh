@@ -73,7 +73,7 @@ part pytest 120 "$PY" -m pytest -m cuda tests/model tests/data -p no:cacheprovid
   --continue-on-collection-errors --junitxml="$PARTS/pytest.xml"
 
 MODELS=/dev/shm
-[ -w /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt 40000000 ] || MODELS=/tmp
+[ -w /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt 20000000 ] || MODELS=/tmp
 for shape in $SHAPES; do
   dir="$MODELS/qlorakit_bench_$shape"
   part "$shape-model" 150 "$PY" benchmarks/gpu/make_model.py --shape "$shape" --out "$dir" --device "$DEVICE" \

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     result["setup_seconds"] = time.perf_counter() - t_start
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    flops = sum(useful_flops(args.model, s, job["lora_r"]) for s in steps[job["warmup_steps"]:])
+    flops = useful_flops(args.model, steps[job["warmup_steps"]:], job["lora_r"])
     result |= {"losses": losses, "step0_loss": losses[0], "steps_done": trainer.state.global_step,
                "useful_flops_per_second": flops / result["measured_seconds"],
                "tokens_per_step": [step_tokens(s) for s in steps], "wall_seconds": time.perf_counter() - t_start}

@@ -6,7 +6,9 @@ see the same examples in every step. ``group_by_length`` trades that property fo
 
 With a token budget (``pack_by_token_budget``) a micro-batch is instead one padding-free row of whole examples up to
 ``max_tokens`` tokens, packed on the host from the same seeded order; ``collate_varlen`` gives the row its example
-boundaries as host integers, so attention never asks the device where an example ends.
+boundaries as host integers, so attention never asks the device where an example ends. An optimizer step then takes
+``accumulation * processes`` bins, and the loss stays exact as long as the loop divides by the trained tokens of all
+of them (``count_trained`` over the collated bins of every rank), as it does for example-count batches.
 """
 
 from __future__ import annotations
