@@ -67,6 +67,13 @@ class TrainConfig:
                                "example order does not depend on the batch size.")
     packing: bool = _f(True, "Pack each micro-batch into one padding-free row; attention never crosses examples "
                        "(positions restart per example).")
+    max_tokens_per_batch: int = _f(0, "With packing: fill each micro-batch with whole examples up to this many "
+                                   "tokens (one padding-free row, bins chosen first-fit-decreasing on the CPU) instead "
+                                   "of per_device_train_batch_size examples; 0 = off. At least model_max_len.")
+    chunked_loss: str = _f("auto", "Compute the loss a chunk of trained positions at a time, never holding "
+                           "full-vocabulary float32 logits (Liger's fused kernel on CUDA where installed): true, "
+                           "false, or auto = on CUDA. Equal to the plain loss to float rounding.",
+                           ("auto", "true", "false"))
     eval_dataset_size: float = _f(0.0, "Held-out share of the training data: a count (>= 1) or a fraction (< 1). "
                                   "0 = none.")
     eval_dataset: str = _f("", "A separate JSONL file to evaluate on (instead of a split).")
@@ -303,6 +310,13 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append(f"save_steps: must be at least 1, got {cfg.save_steps}")
     if cfg.eval_strategy == "steps" and cfg.eval_steps < 1:
         problems.append(f"eval_steps: must be at least 1, got {cfg.eval_steps}")
+    if cfg.max_tokens_per_batch < 0:
+        problems.append(f"max_tokens_per_batch: must be >= 0, got {cfg.max_tokens_per_batch}")
+    elif 0 < cfg.max_tokens_per_batch < cfg.model_max_len:
+        problems.append(f"max_tokens_per_batch: {cfg.max_tokens_per_batch} is below model_max_len "
+                        f"{cfg.model_max_len}; raise it so every example fits one micro-batch")
+    elif cfg.max_tokens_per_batch and not cfg.packing:
+        problems.append("max_tokens_per_batch: needs packing true (it fills one padding-free row)")
     if cfg.max_nonfinite_steps < 1:
         problems.append(f"max_nonfinite_steps: must be at least 1, got {cfg.max_nonfinite_steps}")
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":

@@ -85,8 +85,9 @@ def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
             "cu_seq_lens_q": bounds}
 
 
-def collate(examples: list[Example], pad_id: int, packing: bool) -> dict[str, torch.Tensor]:
-    return collate_packed(examples) if packing else collate_padded(examples, pad_id)
+def collate(examples: list[Example], pad_id: int, packing: bool) -> dict:
+    """A padded batch, or with ``packing`` one padding-free row carrying its example boundaries as host ints."""
+    return collate_varlen(examples) if packing else collate_padded(examples, pad_id)
 
 
 def padding_waste(batches: list[dict[str, torch.Tensor]]) -> float:

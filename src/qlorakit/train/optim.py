@@ -10,7 +10,9 @@ import torch
 def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     params = list(params)
     if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        from ..model.cuda import adamw_options
+
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **adamw_options(params))
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     import bitsandbytes as bnb

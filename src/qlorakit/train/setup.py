@@ -21,7 +21,10 @@ from ..config import TrainConfig, save_config
 from ..data.formats import Conversation, read_jsonl
 from ..data.tokenize import Example, tokenize_all
 from ..errors import UserError
-from ..model.attention import use_packed_attention
+from ..model.attention import packed_attention_backend, use_packed_attention
+from ..model.cuda import check_fsdp_weights
+from ..model.fused_lora import cache_lora_casts
+from ..model.loss import supports_chunked_loss
 from ..model.load import (apply_cache_dequantized, enable_gradient_checkpointing, load_base_for_run, load_tokenizer,
                           resolve_model_path)
 from ..model.lora import add_lora, target_modules, trainable_report
@@ -69,6 +72,7 @@ class Run:
     metrics: Metrics
     bar: Progress
     hooks: Hooks = field(default_factory=Hooks)
+    chunked_loss: bool = False  # the loss by model/loss.py's chunked head (cfg.chunked_loss, decided in setup)
 
     @property
     def pad_id(self) -> int:
@@ -76,6 +80,10 @@ class Run:
 
     def epoch_steps(self, epoch: int) -> list[schedule.ScheduledStep]:
         cfg = self.cfg
+        if cfg.max_tokens_per_batch:
+            return schedule.budget_steps([len(e) for e in self.train_ex], epoch, seed=cfg.seed,
+                                         budget=cfg.max_tokens_per_batch, accum=cfg.gradient_accumulation_steps,
+                                         world_size=self.info.world_size, rank=self.info.rank)
         return schedule.epoch_steps(len(self.train_ex), epoch, seed=cfg.seed, micro=cfg.per_device_train_batch_size,
                                     accum=cfg.gradient_accumulation_steps, world_size=self.info.world_size,
                                     rank=self.info.rank,
@@ -163,6 +171,18 @@ def decide_checkpointing(cfg: TrainConfig, model, examples: list[Example], packi
                 f"without it, {free / 2**30:.1f} GiB free")
 
 
+def use_chunked_loss(cfg: TrainConfig, model, device: torch.device) -> bool:
+    """``chunked_loss``: true or false as asked (true refused where the head is not plain); auto = on CUDA, where
+    full-vocabulary float32 logits are what fills the memory, for models whose head it can take."""
+    if cfg.chunked_loss == "false":
+        return False
+    supported = supports_chunked_loss(model)
+    if cfg.chunked_loss == "true" and not supported:
+        raise UserError(f"chunked_loss: {type(model.get_base_model()).__name__} has no plain output head to chunk "
+                        "(supported: LLaMA, Mistral, Qwen2 and Phi-3 families); set chunked_loss false or auto")
+    return supported and (cfg.chunked_loss == "true" or device.type == "cuda")
+
+
 def log_summary(cfg: TrainConfig, info: processes.DistInfo, model, base_path: str, modules: list[str],
                 data_lines: list[str], n_examples: int, total_steps: int, packing: bool) -> None:
     """The run's derived numbers, printed once before the first step."""
@@ -243,6 +263,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     if cfg.resume_from_checkpoint:  # refused before any time goes into loading the model
         resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, out)
         ckpt.check_resumable(resume_path, cfg)
+    check_fsdp_weights(device, cfg.fsdp, cfg.bits, dense_base=cfg.cache_dequantized == "true")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -250,15 +271,23 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     model, tokenizer, base_path, modules = build_model(cfg, device)
     train_ex, eval_ex, token_lines = tokenize_data(cfg, tokenizer, train_convs, eval_convs)
     packing = cfg.packing and supports_packing(model)
+    if cfg.max_tokens_per_batch and not packing:
+        raise UserError(f"max_tokens_per_batch: {type(model.get_base_model()).__name__} takes no position ids, so it "
+                        "trains on padded batches; set max_tokens_per_batch 0 and use per_device_train_batch_size")
     if packing and use_packed_attention(model.get_base_model()) and info.is_main:
-        log.info("attention: causal SDPA within each packed example (no work across examples)")
+        log.info("attention: %s within each packed example (no work across examples)",
+                 packed_attention_backend(device, torch.bfloat16 if cfg.use_bf16() else torch.float32))
+    chunked = use_chunked_loss(cfg, model, device)
+    if chunked and info.is_main:
+        log.info("loss: by the chunked head, a chunk of trained positions at a time (no full-vocabulary logits)")
     checkpointing, why = decide_checkpointing(cfg, model, train_ex, packing, device, hooks.free_memory)
     if checkpointing:
         enable_gradient_checkpointing(model.get_base_model())
     if info.is_main:
         log.info("gradient checkpointing: %s (%s)", "on" if checkpointing else "off", why)
 
-    total = schedule.total_steps(cfg, len(train_ex), info.world_size)
+    lengths = [len(e) for e in train_ex] if cfg.max_tokens_per_batch else None
+    total = schedule.total_steps(cfg, len(train_ex), info.world_size, lengths)
     if resume_path is not None:
         ckpt.check_total_steps(resume_path, cfg, total)
     if info.is_main:
@@ -267,6 +296,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type)
+    cache_lora_casts(unwrap(model), optimizer)  # bf16 copies of the adapters made once per optimizer step
     state = ckpt.TrainState(total_steps=total, world_size=info.world_size)
     if resume_path is not None:
         state = resume(resume_path, model, optimizer, scheduler, info)
@@ -276,9 +306,11 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
         save_config(cfg, out / "qlorakit_config.yaml")
     metrics = Metrics(out / "metrics.jsonl", state.step if resume_path else None, enabled=info.is_main)
     bar = Progress(total, state.step, cfg.logging_steps, enabled=progress and info.is_main)
-    per_epoch = schedule.steps_per_epoch(len(train_ex), cfg.per_device_train_batch_size,
-                                         cfg.gradient_accumulation_steps, info.world_size)
+    per_epoch = (len(schedule.budget_steps(lengths, 0, seed=cfg.seed, budget=cfg.max_tokens_per_batch,
+                                           accum=cfg.gradient_accumulation_steps, world_size=info.world_size))
+                 if lengths else schedule.steps_per_epoch(len(train_ex), cfg.per_device_train_batch_size,
+                                                          cfg.gradient_accumulation_steps, info.world_size))
     return Run(cfg=cfg, info=info, device=device, out=out, model=model, tokenizer=tokenizer, train_ex=train_ex,
                eval_ex=eval_ex, packing=packing, use_bf16=cfg.use_bf16(), params=params, optimizer=optimizer,
                scheduler=scheduler, state=state, total_steps=total, steps_per_epoch=per_epoch, metrics=metrics,
-               bar=bar, hooks=hooks)
+               bar=bar, hooks=hooks, chunked_loss=chunked)
