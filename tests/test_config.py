@@ -76,3 +76,61 @@ def test_a_fraction_for_an_integer_key_is_an_error(tmp_path):
     assert "max_steps: 2.5 (from" in str(e.value) and str(y) in str(e.value) and "not an integer" in str(e.value)
     y.write_text("max_steps: 2.0\n")
     assert build_config([str(y)]).max_steps == 2
+
+
+MIXTURE_YAML = """datasets:
+  - path: a.jsonl
+    weight: 0.7
+  - path: b.parquet
+    format: alpaca
+    max_rows: 500
+    columns: {instruction: question}
+eval_datasets:
+  - path: e.csv
+"""
+
+
+def test_a_yaml_datasets_list_is_read_saved_and_loaded_with_the_run(tmp_path):
+    from qlorakit.config import load_run_config, save_config
+
+    y = tmp_path / "run.yaml"
+    y.write_text(MIXTURE_YAML)
+    cfg = build_config([str(y), "--data_num_proc", "2", "--data_cache_dir", str(tmp_path / "cache")])
+    assert cfg.datasets == [{"path": "a.jsonl", "weight": 0.7},
+                            {"path": "b.parquet", "format": "alpaca", "max_rows": 500,
+                             "columns": {"instruction": "question"}}]
+    assert cfg.eval_datasets == [{"path": "e.csv"}] and cfg.dataset == "default"
+    assert (cfg.data_num_proc, cfg.data_cache_dir) == (2, str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(cfg, run / "qlorakit_config.yaml")
+    assert load_run_config(run) == cfg
+    # the same list as a flag, in YAML flow style; a defaulted config keeps an empty list of its own
+    flag = build_config(["--datasets", "[{path: a.jsonl, weight: 0.7}, {path: b.parquet}]"])
+    assert flag.datasets == [{"path": "a.jsonl", "weight": 0.7}, {"path": "b.parquet"}]
+    assert build_config([]).datasets == [] and build_config([]).datasets is not build_config([]).datasets
+
+
+def test_data_given_twice_or_malformed_is_one_line_naming_it(tmp_path, capsys):
+    y = tmp_path / "run.yaml"
+    y.write_text(MIXTURE_YAML + "dataset: c.jsonl\n")
+    with pytest.raises(ConfigError, match="dataset and datasets are both set; give the data as dataset"):
+        build_config([str(y)])
+    # a flag giving the data in one form replaces the file's other form
+    assert build_config([str(y), "--datasets", "[{path: d.jsonl}]"]).dataset == "default"
+    only = tmp_path / "only.yaml"
+    only.write_text(MIXTURE_YAML)
+    flagged = build_config([str(only), "--dataset", "d.jsonl:0.5"])
+    assert flagged.dataset == "d.jsonl:0.5" and flagged.datasets == [] and flagged.eval_datasets == [{"path": "e.csv"}]
+    for value, want in [("a.jsonl:0.7", "is not a non-empty list of datasets"), ("[3]", "datasets[0]: 3"),
+                        ("[{path: a", "is not a YAML list")]:
+        with pytest.raises(ConfigError, match=want.replace("[", r"\[")):
+            build_config(["--datasets", value])
+
+
+def test_train_help_shows_the_data_keys(capsys):
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for key in ("--datasets YAML_LIST", "--eval_datasets YAML_LIST", "--data_cache_dir TEXT", "--data_num_proc N",
+                "auto|airoboros|alpaca|messages|sharegpt", "a.jsonl:0.7,b.parquet:max_rows=500 or"):
+        assert key in out, key
