@@ -126,6 +126,16 @@ def test_data_given_twice_or_malformed_is_one_line_naming_it(tmp_path, capsys):
                         ("[{path: a", "is not a YAML list")]:
         with pytest.raises(ConfigError, match=want.replace("[", r"\[")):
             build_config(["--datasets", value])
+    for spec, want in [("a.jsonl:wieght=2", "dataset 'a.jsonl:wieght=2': unknown option 'wieght'"),
+                       ("a.jsonl:0.5:max_rows=3", "dataset 'a.jsonl:0.5:max_rows=3': give a weight or max_rows"),
+                       ("a.jsonl,,b.jsonl", "has an empty dataset entry")]:
+        assert main(["train", "--dataset", spec, "--output_dir", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and want in err and "Traceback" not in err, err
+    y.write_text("datasets:\n  - path: a.jsonl\n    wieght: 2\n")
+    assert main(["train", str(y), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "datasets[0]: wieght: unknown key" in err, err
 
 
 def test_train_help_shows_the_data_keys(capsys):

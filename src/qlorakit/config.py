@@ -16,7 +16,6 @@ import yaml
 
 from .errors import UserError
 from .options import Parser, split_extras
-from .resources import SAMPLE_DATASET
 
 
 class ConfigError(UserError):
@@ -135,10 +134,6 @@ class TrainConfig:
         from .devices import bf16_is_fast
 
         return bf16_is_fast() if self.bf16 == "auto" else self.bf16 == "true"
-
-    def dataset_path(self) -> Path:
-        """The training rows' file: ``default`` is the sample shipped in qlorakit/resources."""
-        return SAMPLE_DATASET if self.dataset == "default" else Path(self.dataset)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
