@@ -127,8 +127,9 @@ def test_bad_model_or_checkpoint_path(args, want, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,want", [
-    (["data"], "usage: qlorakit data check FILE"),
-    (["data", "check"], "usage: qlorakit data check FILE"),
+    (["data"], "usage: qlorakit data check [FILE] [CONFIG.yaml]"),
+    (["data", "check"], "usage: qlorakit data check [FILE] [CONFIG.yaml]"),
+    (["data", "check", "a.jsonl", "b.jsonl"], "unexpected argument 'b.jsonl'"),
     (["data", "check", "x.jsonl", "--model_max_len", "0"], "model_max_len: must be at least 1"),
     (["data", "check", "x.jsonl", "--prompt_format", "llama9"], "prompt_format"),
 ])

@@ -67,6 +67,20 @@ def test_nproc_starts_torchrun_with_the_other_arguments(monkeypatch, tmp_path):
         build_config(["--nproc", "2"])  # a launcher option, not a key of the run's config
 
 
+def test_nproc_reports_a_bad_dataset_before_starting_torchrun(monkeypatch, tmp_path, capsys):
+    """One line from the launcher, not one per worker."""
+    from qlorakit import cli
+
+    started = []
+    monkeypatch.setattr(cli, "_torchrun", lambda n, argv: started.append((n, argv)) or 0)
+    for spec, want in [("a.jsonl:wieght=2", "unknown option 'wieght'"),
+                       (str(tmp_path / "gone.jsonl"), "gone.jsonl: no such file")]:
+        assert main(["train", "--nproc", "2", "--dataset", spec]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and want in err, err
+    assert started == []
+
+
 def test_a_fraction_for_an_integer_key_is_an_error(tmp_path):
     """YAML's 2.5 for an integer key is refused with the key and the file, not cut to 2; 2.0 is 2."""
     y = tmp_path / "run.yaml"
