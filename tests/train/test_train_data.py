@@ -4,11 +4,13 @@ rows it has and the rows the run used, and a second run with the same inputs loa
 from __future__ import annotations
 
 import logging
+import shlex
 
 import pytest
 
 from helpers import airoboros_rows, read_metrics, write_jsonl
 from qlorakit.cli import main
+from qlorakit.config import build_config
 
 QUICK = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "0.01", "--save_strategy", "no",
          "--eval_strategy", "no", "--warmup_ratio", "0"]
@@ -89,5 +91,7 @@ def test_a_mixture_trains_and_a_second_run_loads_the_cache(tiny_llama, tmp_path,
     assert f"data cache: {jsonl} loaded (tokenized " in log and f"data cache: {table} loaded (tokenized " in log
     assert "tokenized in" not in log
     assert [x for x in log.splitlines() if "mixture: " in x] == lines  # the same examples, split the same way
+    reproduce = next(x for x in card(second).splitlines() if x.startswith("qlorakit train "))
+    assert build_config(shlex.split(reproduce)[2:]).datasets == build_config([str(config)]).datasets
     losses = [r["loss"] for r in read_metrics(first, "loss")]
     assert len(losses) == 2 and [r["loss"] for r in read_metrics(second, "loss")] == pytest.approx(losses, rel=1e-6)
