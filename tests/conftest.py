@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random LLaMA and MPT models built in-process with the SmolLM2 tokenizer (no downloads)."""
+"""Shared fixtures: tiny random LLaMA and MPT models built in-process with the SmolLM2 tokenizer (no downloads), and
+a data cache folder for the session."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ from qlorakit.model.load import default_gguf
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_data_cache(tmp_path_factory):
+    """The tokenized data cache of the whole session, subprocesses included, in a folder of its own (never the
+    user's ~/.cache). Tests that need an empty cache use one of their own (tests/data/conftest.py does)."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QLORAKIT_DATA_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

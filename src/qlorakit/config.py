@@ -16,7 +16,6 @@ import yaml
 
 from .errors import UserError
 from .options import Parser, split_extras
-from .resources import SAMPLE_DATASET
 
 
 class ConfigError(UserError):
@@ -25,6 +24,16 @@ class ConfigError(UserError):
 
 def _f(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _list(help: str):
+    """A key whose value is a YAML list (empty by default)."""
+    return field(default_factory=list, metadata={"help": help, "choices": None})
+
+
+def default_of(f: dataclasses.Field):
+    """A field's default value (a fresh one for a list key)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 @dataclass
@@ -55,8 +64,19 @@ class TrainConfig:
     lora_modules: str = _f("all", "'all' linear layers except the output head, or a comma-separated list of module "
                            "names (e.g. q_proj,v_proj).")
     # --- data ---
-    dataset: str = _f("default", "Training data: a JSONL file, or 'default' (the embedded airoboros sample).")
-    dataset_format: str = _f("auto", "Row layout.", ("auto", "airoboros", "alpaca", "messages"))
+    dataset: str = _f("default", "Training data: one source or a mixture. A source is a .jsonl, .json, .parquet or "
+                      ".csv file, a folder of them, a folder written by datasets' save_to_disk, or a hub id "
+                      "(org/name); 'default' is the embedded airoboros sample. Sources are separated by commas, "
+                      "each PATH with optional :OPTION parts, an option being a weight (a number) or weight=, "
+                      "max_rows=, format=, split=, subset=; e.g. a.jsonl:0.7,b.parquet:max_rows=500 or "
+                      "org/name:subset=en:split=train:format=sharegpt (docs/data.md).")
+    datasets: list = _list("The training data as a YAML list instead of dataset, one mapping per source: {path, "
+                           "format, weight or max_rows, split, subset, columns} (columns renames a layout's fields "
+                           "to the dataset's, e.g. {instruction: question, response: answer}). On the command line, "
+                           "the list in YAML flow style: '[{path: a.jsonl, weight: 0.7}, {path: b.parquet}]'.")
+    dataset_format: str = _f("auto", "Row layout of the sources that do not set their own format (auto = from the "
+                             "first row's fields or a table's columns); sharegpt reads conversations/from/value.",
+                             ("auto", "airoboros", "alpaca", "messages", "sharegpt"))
     prompt_format: str = _f("airoboros", "How conversations are rendered to text.",
                             ("airoboros", "vicuna", "alpaca", "chatml", "tokenizer"))
     model_max_len: int = _f(1024, "Longest example in tokens.")
@@ -76,7 +96,14 @@ class TrainConfig:
                            ("auto", "true", "false"))
     eval_dataset_size: float = _f(0.0, "Held-out share of the training data: a count (>= 1) or a fraction (< 1). "
                                   "0 = none.")
-    eval_dataset: str = _f("", "A separate JSONL file to evaluate on (instead of a split).")
+    eval_dataset: str = _f("", "Separate data to evaluate on (instead of a split): one source or a mixture, in the "
+                           "syntax of dataset.")
+    eval_datasets: list = _list("The eval data as a YAML list instead of eval_dataset, entries as in datasets.")
+    data_cache_dir: str = _f("", "Where tokenized examples are cached (the next run with the same inputs loads "
+                             "them): '' = $QLORAKIT_DATA_CACHE, else $XDG_CACHE_HOME/qlorakit/data, else "
+                             "~/.cache/qlorakit/data. Nothing is deleted automatically.")
+    data_num_proc: int = _f(0, "Processes that tokenize a source not cached yet; 0 = one per core, each with at "
+                            "least 20,000 rows.")
     # --- schedule ---
     output_dir: str = _f("runs/default", "Run directory: adapter, tokenizer, config, metrics, model card.")
     num_train_epochs: float = _f(2.0, "Epochs to train (used when max_steps is not set).")
@@ -115,21 +142,20 @@ class TrainConfig:
 
         return bf16_is_fast() if self.bf16 == "auto" else self.bf16 == "true"
 
-    def dataset_path(self) -> Path:
-        """The training rows' file: ``default`` is the sample shipped in qlorakit/resources."""
-        return SAMPLE_DATASET if self.dataset == "default" else Path(self.dataset)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+DATA_PAIRS = (("dataset", "datasets"), ("eval_dataset", "eval_datasets"))  # one string or a YAML list: not both
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
 def _coerce(key: str, value, source: str):
     """Return ``value`` as the field's type, or raise ConfigError naming key and source."""
     typ = _TYPES[key]
+    if typ is list:
+        return _dataset_list(key, value, source)
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -161,6 +187,27 @@ def _coerce(key: str, value, source: str):
     raise ConfigError(f"{key}: {value!r} (from {source}) is not {want}")
 
 
+def _dataset_list(key: str, value, source: str) -> list:
+    """A list key's value: a YAML list (from a file), or its text in YAML flow style (from a flag). Each entry is
+    a mapping or a string; what an entry says is checked where the data is read (qlorakit.data.sources)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: {value!r} (from {source}) is not a YAML list; write it as "
+                              "'[{path: a.jsonl, weight: 0.7}, {path: b.parquet}]'") from None
+    if not isinstance(value, list) or not value:
+        hint = " (a single source or the compact PATH:OPTION syntax goes in --dataset)" if isinstance(value, str) \
+            else ""
+        raise ConfigError(f"{key}: {value!r} (from {source}) is not a non-empty list of datasets, each a mapping "
+                          f"with at least 'path'{hint}")
+    bad = next((i for i, e in enumerate(value) if not isinstance(e, (dict, str))), None)
+    if bad is not None:
+        raise ConfigError(f"{key}[{bad}]: {value[bad]!r} (from {source}) is not a mapping such as "
+                          "{path: a.jsonl, weight: 0.7}")
+    return [dict(e) if isinstance(e, dict) else e for e in value]
+
+
 def _suggest(key: str) -> str:
     import difflib
 
@@ -186,7 +233,7 @@ def _metavar(name: str, f: dataclasses.Field) -> str:
     choices = f.metadata.get("choices")
     if choices:
         return "|".join(map(str, choices))
-    return {bool: "true|false", int: "N", float: "X", str: "TEXT"}[_TYPES[name]]
+    return {bool: "true|false", int: "N", float: "X", str: "TEXT", list: "YAML_LIST"}[_TYPES[name]]
 
 
 def add_config_options(parser: Parser) -> Parser:
@@ -197,7 +244,7 @@ def add_config_options(parser: Parser) -> Parser:
     for name, f in FIELDS.items():
         if name in SECTIONS:
             group = parser.add_argument_group(f"{SECTIONS[name]} keys")
-        help = f"{f.metadata['help']} Default: {_show(f.default)}."
+        help = f"{f.metadata['help']} Default: {_show(default_of(f))}."
         group.add_argument(f"--{name}", metavar=_metavar(name, f), default=argparse.SUPPRESS,
                            help=help.replace("%", "%%"))
     return parser
@@ -256,8 +303,18 @@ def read_args(argv: list[str], parser: Parser | None = None) -> tuple[TrainConfi
             merged = load_yaml(positionals[0])
         except ConfigError as e:
             problems.append(str(e))
-    merged.update(flags)
-    return config_from_mapping(merged, problems), ns
+    return config_from_mapping(merge_flags(merged, flags), problems), ns
+
+
+def merge_flags(file_values: dict[str, tuple[object, str]], flags: dict[str, tuple[object, str]]
+                ) -> dict[str, tuple[object, str]]:
+    """A config file's key -> (value, source) with the flags' over them: a flag wins over the file, and a flag
+    that gives the data in one form (dataset, or the datasets list) replaces the file's other form."""
+    merged = dict(file_values)
+    for one, many in DATA_PAIRS:
+        if (one in flags) != (many in flags):
+            merged.pop(many if one in flags else one, None)
+    return {**merged, **flags}
 
 
 def config_from_mapping(merged: dict[str, tuple[object, str]], problems: list[str] | None = None) -> TrainConfig:
@@ -304,6 +361,10 @@ def validate(cfg: TrainConfig) -> list[str]:
             problems.append(f"{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.eval_dataset_size >= 1 and not float(cfg.eval_dataset_size).is_integer():
         problems.append(f"eval_dataset_size: a count must be whole, got {cfg.eval_dataset_size}")
+    for one, many in DATA_PAIRS:
+        if getattr(cfg, many) and getattr(cfg, one) not in ("", "default"):
+            problems.append(f"{one} and {many} are both set; give the data as {one} (one source, or a mixture as "
+                            f"PATH:OPTION,PATH...) or as the {many} list, not both")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         problems.append("num_train_epochs: must be > 0 when max_steps is not set")
     if cfg.save_strategy == "steps" and cfg.save_steps < 1:

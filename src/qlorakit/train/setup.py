@@ -1,8 +1,10 @@
-"""Setup: config -> rows -> examples -> model -> optimizer, schedule and resumed state, held in one ``Run``.
+"""Setup: config -> tokenizer -> examples (the tokenized cache) -> model -> optimizer, schedule and resumed state,
+held in one ``Run``.
 
-Everything is checked and reported before the first step: the data split, the length policy, the trainable
+Everything is checked and reported before the first step: the data sources, split and length policy, the trainable
 parameters, the step arithmetic. A resume with changed settings is refused before any time goes into loading the
-model; one that would end before its checkpoint, as soon as the examples are counted.
+model; one with other data (its fingerprint) or that would end before its checkpoint, as soon as the examples are
+counted, still before the model loads.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .. import devices
 from ..config import TrainConfig, save_config
-from ..data.formats import Conversation, read_jsonl
-from ..data.tokenize import Example, tokenize_all
+from ..data.examples import ExampleSequence
+from ..data.mixture import SourceSummary
+from ..data.prepare import DataOptions, PreparedData, prepare_data
 from ..errors import UserError
 from ..model.attention import packed_attention_backend, use_packed_attention
 from ..model.cuda import check_fsdp_weights
@@ -59,8 +63,8 @@ class Run:
     out: Path
     model: Any  # the peft model; under torchrun wrapped by DDP or sharded by FSDP2 (distributed.unwrap)
     tokenizer: Any
-    train_ex: list[Example]
-    eval_ex: list[Example]
+    train_ex: ExampleSequence  # memory-mapped examples: train_ex[i] is an Example, train_ex.lengths every length
+    eval_ex: ExampleSequence
     packing: bool
     use_bf16: bool
     params: list[torch.nn.Parameter]  # the trainable ones, in the optimizer's order
@@ -73,6 +77,7 @@ class Run:
     bar: Progress
     hooks: Hooks = field(default_factory=Hooks)
     chunked_loss: bool = False  # the loss by model/loss.py's chunked head (cfg.chunked_loss, decided in setup)
+    sources: list[SourceSummary] = field(default_factory=list)  # each data source with the rows it gave (the card)
 
     @property
     def pad_id(self) -> int:
@@ -81,60 +86,59 @@ class Run:
     def epoch_steps(self, epoch: int) -> list[schedule.ScheduledStep]:
         cfg = self.cfg
         if cfg.max_tokens_per_batch:
-            return schedule.budget_steps([len(e) for e in self.train_ex], epoch, seed=cfg.seed,
+            return schedule.budget_steps(self.train_ex.lengths.tolist(), epoch, seed=cfg.seed,
                                          budget=cfg.max_tokens_per_batch, accum=cfg.gradient_accumulation_steps,
                                          world_size=self.info.world_size, rank=self.info.rank)
         return schedule.epoch_steps(len(self.train_ex), epoch, seed=cfg.seed, micro=cfg.per_device_train_batch_size,
                                     accum=cfg.gradient_accumulation_steps, world_size=self.info.world_size,
                                     rank=self.info.rank,
-                                    lengths=[len(e) for e in self.train_ex] if cfg.group_by_length else None)
+                                    lengths=self.train_ex.lengths.tolist() if cfg.group_by_length else None)
 
 
-def split_eval(convs: list[Conversation], size: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
-    """A seeded held-out split: ``size`` rows if >= 1, else that fraction of the rows. Order is kept."""
-    n_eval = int(size) if size >= 1 else int(round(len(convs) * size))
-    if n_eval == 0:
-        return convs, []
-    if n_eval >= len(convs):
-        raise UserError(f"eval_dataset_size: {size} leaves no training rows out of {len(convs)}")
-    g = torch.Generator().manual_seed(seed)
-    held = set(torch.randperm(len(convs), generator=g)[:n_eval].tolist())
-    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
+def load_data(opts: DataOptions, tokenizer, info: processes.DistInfo) -> PreparedData:
+    """The run's examples from the tokenized cache. Rank 0 (or a single process) builds what the cache lacks, and
+    reports a bad row (torchrun then stops the other ranks); the other ranks wait for it, then load."""
+    data = prepare_data(opts, tokenizer, mode="build") if info.is_main else None
+    processes.barrier(info)
+    if data is None:
+        data = prepare_data(opts, tokenizer, mode="wait")
+    if info.is_main:
+        for line in data.lines:
+            log.info(line)
+    return data
 
 
-def read_data(cfg: TrainConfig) -> tuple[list[Conversation], list[Conversation], list[str]]:
-    """Training and eval conversations, validated before any model is loaded, and lines that report the split."""
-    path = cfg.dataset_path()
-    convs = read_jsonl(path, cfg.dataset_format)
-    if cfg.eval_dataset:
-        train_convs, eval_convs = convs, read_jsonl(cfg.eval_dataset, cfg.dataset_format)
-        split_line = f"eval: {len(eval_convs)} rows from {cfg.eval_dataset}"
-    else:
-        train_convs, eval_convs = split_eval(convs, cfg.eval_dataset_size, cfg.seed)
-        split_line = (f"eval: {len(eval_convs)} of {len(convs)} rows held out (seed {cfg.seed})" if eval_convs
-                      else "eval: none (set eval_dataset_size or eval_dataset)")
-    return train_convs, eval_convs, [f"data: {len(convs)} rows from {path}", split_line]
+def check_data_sources(opts: DataOptions) -> None:
+    """A source that does not exist, or of an unknown file type, is reported before the tokenizer loads."""
+    for spec in (*opts.sources, *opts.eval_sources):
+        spec.kind()
 
 
-def tokenize_data(cfg: TrainConfig, tokenizer, train_convs, eval_convs) -> tuple[list[Example], list[Example],
-                                                                                  list[str]]:
-    """Examples with the length policy applied, and report lines that account for every row."""
-    kw = dict(truncation=cfg.truncation, train_on_source=cfg.train_on_source)
-    train_ex, rep = tokenize_all(train_convs, tokenizer, cfg.prompt_format, cfg.model_max_len, **kw)
-    lines = [f"train: {x}" for x in rep.lines()]
-    eval_ex: list[Example] = []
-    if eval_convs:
-        eval_ex, erep = tokenize_all(eval_convs, tokenizer, cfg.prompt_format, cfg.model_max_len, **kw)
-        lines += [f"eval: {x}" for x in erep.lines()]
-    if not train_ex:
-        raise UserError("no training example left after applying model_max_len; raise model_max_len or "
-                        "check the data with 'qlorakit data check'")
-    return train_ex, eval_ex, lines
+def budget_lengths(cfg: TrainConfig, examples: ExampleSequence) -> list[int] | None:
+    """Every example's length where a token budget packs the steps (their count then follows the packing)."""
+    return examples.lengths.tolist() if cfg.max_tokens_per_batch else None
 
 
-def build_model(cfg: TrainConfig, device: torch.device):
-    path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+def tokenizer_and_data(cfg: TrainConfig, info: processes.DistInfo, resume_path: Path | None
+                       ) -> tuple[Any, str, PreparedData]:
+    """The tokenizer (of the resolved base path, also returned) and the run's examples, checked against the
+    checkpoint a resume continues from: all before the model loads, so a bad source or row, changed data or a run
+    that would end before its checkpoint cost no model loading."""
+    opts = DataOptions.from_config(cfg)  # a malformed dataset spec, in one line
+    check_data_sources(opts)
+    base_path = resolve_model_path(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(base_path, cfg.trust_remote_code)
+    data = load_data(opts, tokenizer, info)
+    if resume_path is not None:
+        if not ckpt.check_data(resume_path, ckpt.data_record(data)) and info.is_main:
+            log.info("%s records no data fingerprint (an older qlorakit wrote it): the data is not checked against "
+                     "the checkpoint's", resume_path)
+        ckpt.check_total_steps(resume_path, cfg, schedule.total_steps(cfg, len(data.train), info.world_size,
+                                                                      budget_lengths(cfg, data.train)))
+    return tokenizer, base_path, data
+
+
+def build_model(cfg: TrainConfig, path: str, device: torch.device):
     model = load_base_for_run(path, cfg, device)
     dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
     # Under FSDP the 4-bit weights are what gets sharded; "auto" keeps them packed there.
@@ -143,19 +147,20 @@ def build_model(cfg: TrainConfig, device: torch.device):
     modules = target_modules(model, cfg.lora_modules)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, modules=modules,
                      seed=cfg.seed)
-    return model, tokenizer, path, modules
+    return model, modules
 
 
-def decide_checkpointing(cfg: TrainConfig, model, examples: list[Example], packing: bool, device: torch.device,
+def decide_checkpointing(cfg: TrainConfig, model, lengths: np.ndarray, packing: bool, device: torch.device,
                          free_memory: Callable[[torch.device], int | None] = devices.free_memory) -> tuple[bool, str]:
     """Whether to recompute activations in backward, and why. ``auto``: only when the activations the largest
-    possible micro-batch saves without it (qlorakit.plan's estimate) exceed half the device's free memory."""
+    possible micro-batch saves without it (qlorakit.plan's estimate) exceed half the device's free memory.
+    ``lengths``: every training example's length (``ExampleSequence.lengths``, read without the tokens)."""
     if cfg.gradient_checkpointing != "auto":
         return cfg.gradient_checkpointing == "true", "asked for"
     from ..model import memory
 
     micro = cfg.per_device_train_batch_size
-    longest = sorted((len(e) for e in examples), reverse=True)[:micro]
+    longest = sorted(lengths.tolist(), reverse=True)[:micro]
     tokens = sum(longest) if packing else micro * longest[0]
     try:
         arch = memory.architecture(model.get_base_model().config.to_dict())
@@ -184,10 +189,8 @@ def use_chunked_loss(cfg: TrainConfig, model, device: torch.device) -> bool:
 
 
 def log_summary(cfg: TrainConfig, info: processes.DistInfo, model, base_path: str, modules: list[str],
-                data_lines: list[str], n_examples: int, total_steps: int, packing: bool) -> None:
-    """The run's derived numbers, printed once before the first step."""
-    for line in data_lines:
-        log.info(line)
+                n_examples: int, total_steps: int, packing: bool) -> None:
+    """The run's derived numbers, printed once before the first step (the data's lines are printed as it loads)."""
     log.info("model: %s (%s, %d-bit%s), LoRA r=%d alpha=%g on %s", base_path, type(model.get_base_model()).__name__,
              cfg.bits, f" {cfg.quant_type}{' double-quant' if cfg.double_quant else ''}" if cfg.bits == 4 else "",
              cfg.lora_r, cfg.lora_alpha, ", ".join(modules))
@@ -267,9 +270,9 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    train_convs, eval_convs, data_lines = read_data(cfg)
-    model, tokenizer, base_path, modules = build_model(cfg, device)
-    train_ex, eval_ex, token_lines = tokenize_data(cfg, tokenizer, train_convs, eval_convs)
+    tokenizer, base_path, data = tokenizer_and_data(cfg, info, resume_path)
+    train_ex, eval_ex = data.train, data.eval
+    model, modules = build_model(cfg, base_path, device)
     packing = cfg.packing and supports_packing(model)
     if cfg.max_tokens_per_batch and not packing:
         raise UserError(f"max_tokens_per_batch: {type(model.get_base_model()).__name__} takes no position ids, so it "
@@ -280,18 +283,16 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     chunked = use_chunked_loss(cfg, model, device)
     if chunked and info.is_main:
         log.info("loss: by the chunked head, a chunk of trained positions at a time (no full-vocabulary logits)")
-    checkpointing, why = decide_checkpointing(cfg, model, train_ex, packing, device, hooks.free_memory)
+    checkpointing, why = decide_checkpointing(cfg, model, train_ex.lengths, packing, device, hooks.free_memory)
     if checkpointing:
         enable_gradient_checkpointing(model.get_base_model())
     if info.is_main:
         log.info("gradient checkpointing: %s (%s)", "on" if checkpointing else "off", why)
 
-    lengths = [len(e) for e in train_ex] if cfg.max_tokens_per_batch else None
+    lengths = budget_lengths(cfg, train_ex)
     total = schedule.total_steps(cfg, len(train_ex), info.world_size, lengths)
-    if resume_path is not None:
-        ckpt.check_total_steps(resume_path, cfg, total)
     if info.is_main:
-        log_summary(cfg, info, model, base_path, modules, data_lines + token_lines, len(train_ex), total, packing)
+        log_summary(cfg, info, model, base_path, modules, len(train_ex), total, packing)
     model = wrap_model(model, cfg, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
@@ -302,6 +303,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
         state = resume(resume_path, model, optimizer, scheduler, info)
         if state.total_steps != total:
             scheduler = reschedule(cfg, optimizer, state, total, info)
+    state.data = ckpt.data_record(data)  # what a resume from this run's checkpoints must match
     if info.is_main:
         save_config(cfg, out / "qlorakit_config.yaml")
     metrics = Metrics(out / "metrics.jsonl", state.step if resume_path else None, enabled=info.is_main)
@@ -313,4 +315,4 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     return Run(cfg=cfg, info=info, device=device, out=out, model=model, tokenizer=tokenizer, train_ex=train_ex,
                eval_ex=eval_ex, packing=packing, use_bf16=cfg.use_bf16(), params=params, optimizer=optimizer,
                scheduler=scheduler, state=state, total_steps=total, steps_per_epoch=per_epoch, metrics=metrics,
-               bar=bar, hooks=hooks, chunked_loss=chunked)
+               bar=bar, hooks=hooks, chunked_loss=chunked, sources=data.sources)
