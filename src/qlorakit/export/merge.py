@@ -126,8 +126,9 @@ def merge_main(argv: list[str]) -> int:
 
 def export_main(argv: list[str]) -> int:
     usage = ("usage: qlorakit export RUN_DIR --format gguf|safetensors --output FILE_OR_DIR "
-             "[--outtype f16|bf16|q8_0] [--base dequantized|original]")
-    defaults = {"format": "gguf", "output": "", "outtype": "f16", "base": "dequantized"}
+             "[--outtype f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k] [--base dequantized|original] "
+             "[--converter auto|llama.cpp|python]")
+    defaults = {"format": "gguf", "output": "", "outtype": "f16", "base": "dequantized", "converter": "auto"}
     run_dir, o = run_options(argv, defaults, usage)
     if not o["output"]:
         raise UserError(f"--output is needed; {usage}")
@@ -136,13 +137,17 @@ def export_main(argv: list[str]) -> int:
     if o["format"] != "gguf":
         raise UserError(f"--format: {o['format']!r} is not gguf or safetensors")
     from .gguf import export_gguf
+    from .modelfile import write_modelfile
 
     model, tok, cfg = merged_model(run_dir, o["base"], "fp32")
     with tempfile.TemporaryDirectory() as tmp:
         merged = save_merged(model, tok, cfg, Path(tmp) / "merged", run_dir, o["base"])
         try:
-            out = export_gguf(merged, o["output"], o["outtype"], chat_template=tok.chat_template)
+            out = export_gguf(merged, o["output"], o["outtype"], chat_template=tok.chat_template,
+                              converter=o["converter"])
+            modelfile = write_modelfile(run_dir, out)
         except ValueError as e:
             raise UserError(f"export: {e}") from None
-    print(f"qlorakit export: wrote {out} ({o['outtype']})", file=sys.stderr)
+    print(f"qlorakit export: wrote {out} ({o['outtype']}) and {modelfile} (ollama create NAME -f {modelfile})",
+          file=sys.stderr)
     return 0
