@@ -18,13 +18,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# llama.cpp, for GGUF k-quants and the tests that load every export in llama.cpp: the source package of
 	# llama-cpp-python (from PyPI, pinned) vendors llama.cpp; it is built here for this CPU (about 4 minutes on
 	# 2 cores, once) with build tools from PyPI and no build isolation, so nothing but PyPI packages is downloaded
-	# (its CMake turns curl off and builds no server, web UI or tools; LLAVA_BUILD=OFF skips the multimodal library).
+	# (its CMake turns curl off and builds no server, web UI or tools; here also no HTTPS and no multimodal library).
 	# The same package's llama.cpp converter (convert_hf_to_gguf.py and its gguf-py) goes to .venv/share/llama.cpp.
 	$(BIN)/python -m pip install -q -c constraints.txt scikit-build-core ninja diskcache sentencepiece
 	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -c constraints.txt llama-cpp-python -d $(LLAMA_SRC)
 	tar -xzf $(LLAMA_SRC)/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC)
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" $(BIN)/python -m pip install -q --no-build-isolation \
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF" $(BIN)/python -m pip install -q --no-build-isolation \
 	  $(LLAMA_SRC)/llama_cpp_python-*/
 	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp
 	cd $(LLAMA_SRC)/llama_cpp_python-*/vendor/llama.cpp && \

@@ -8,12 +8,13 @@ llama-cpp-python source package).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
-import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 __all__ = ["LLAMA_FTYPES", "quantizer_available", "quantize", "find_converter", "convert"]
@@ -42,19 +43,31 @@ def quantize(source: Path, out_file: Path, outtype: str) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPES[outtype]
     partial_file = out_file.with_name(out_file.name + ".partial")
-    llama_logger = logging.getLogger("llama-cpp-python")  # llama.cpp's log goes through it; one line per tensor
-    level = llama_logger.level
-    llama_logger.setLevel(logging.ERROR)
     try:
-        status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial_file).encode(),
-                                                ctypes.byref(params))
+        with _stderr_captured() as log_file:  # a line per tensor, and a warning per fallback, printed by C code
+            status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial_file).encode(),
+                                                    ctypes.byref(params))
         if status != 0:
-            raise ValueError(f"llama.cpp's quantizer failed on {source} (status {status}) for {outtype}.")
+            tail = "\n".join(Path(log_file.name).read_text(errors="replace").strip().splitlines()[-6:])
+            raise ValueError(f"llama.cpp's quantizer failed on {source} (status {status}) for {outtype}:\n{tail}")
         partial_file.replace(out_file)
     finally:
-        llama_logger.setLevel(level)
         partial_file.unlink(missing_ok=True)
     return out_file
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """File descriptor 2 (where llama.cpp prints) sent to a temporary file for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.NamedTemporaryFile("w+", suffix=".log") as log_file:
+        os.dup2(log_file.fileno(), 2)
+        try:
+            yield log_file
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def find_converter() -> Path | None:
