@@ -99,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu = "AVX512-BF16" if "avx512_bf16" in flags else ("AVX512" if "avx512f" in flags else "AVX2 or less")
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure(Path(tmp), args.steps)
+    from qlorakit.export.gguf_llama_cpp import find_converter
+
+    converter = "llama.cpp's convert_hf_to_gguf.py" if find_converter() else "qlorakit's writer"
     print(f"SmolLM2-135M-Instruct trained {args.steps} steps; {platform.processor() or platform.machine()}, {cpu}; "
-          f"llama-cpp-python {__import__('llama_cpp').__version__}")
+          f"llama-cpp-python {__import__('llama_cpp').__version__}; {converter}, llama.cpp's quantizer")
     print(table(rows))
     return 0
 
