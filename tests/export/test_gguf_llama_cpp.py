@@ -21,7 +21,7 @@ import torch
 from helpers import airoboros_rows, write_jsonl
 from qlorakit.cli import main
 from qlorakit.export.gguf import export_gguf
-from qlorakit.export.gguf_llama_cpp import find_converter
+from qlorakit.export.gguf_llama_cpp import LLAMA_FTYPES, find_converter, quantize
 from qlorakit.export.merge import merged_model, save_merged
 from qlorakit.export.modelfile import modelfile_path
 
@@ -86,9 +86,19 @@ class Merged:
         with torch.no_grad():
             self.reference = model(torch.tensor([self.ids])).logits[0].float()
         self.work = work
+        self.files: dict[tuple[str, str], Path] = {}
 
-    def export(self, outtype: str, **kw) -> Path:
-        return export_gguf(self.dir, self.work / f"{outtype}-{kw.get('converter', 'auto')}.gguf", outtype, **kw)
+    def export(self, outtype: str, converter: str = "python") -> Path:
+        """The merge exported once per (outtype, converter). The quantized types are quantized from one f32 export,
+        as export_gguf quantizes them (the CLI test below runs that whole path)."""
+        key = (outtype, converter)
+        if key not in self.files:
+            out = self.work / f"{outtype}-{converter}.gguf"
+            if outtype in LLAMA_FTYPES:
+                self.files[key] = quantize(self.export("f32", converter), out, outtype)
+            else:
+                self.files[key] = export_gguf(self.dir, out, outtype, converter=converter)
+        return self.files[key]
 
 
 @pytest.fixture(scope="module")
