@@ -522,3 +522,16 @@ def test_real_smollm2_exports_to_q8_0_and_predicts_the_same_next_tokens(tmp_path
     assert where_decisive >= 0.97
     assert overall >= 0.95
     shutil.rmtree(tmp_path)  # ~0.6 GB of float32 weights
+
+
+def test_without_llama_cpp_q8_0_is_written_in_python_and_k_quants_say_what_to_install(
+        tmp_path, small_vocab_tokenizer, monkeypatch):
+    from qlorakit.export import gguf as gguf_export
+
+    monkeypatch.setattr(gguf_export, "quantizer_available", lambda: False)
+    save_tiny_llama(tmp_path / "hf", small_vocab_tokenizer, vocab_size=len(small_vocab_tokenizer))
+    out_file = gguf_export.export_gguf(tmp_path / "hf", tmp_path / "q8.gguf", "Q8_0", converter="python")
+    assert field(gguf.GGUFReader(out_file), "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    with pytest.raises(ValueError, match=r"k-quants need llama.cpp's quantizer; pip install 'qlorakit\[llama\]'"):
+        gguf_export.export_gguf(tmp_path / "hf", tmp_path / "q4.gguf", "q4_k_m", converter="python")
+    assert not list(tmp_path.glob("q4*"))
