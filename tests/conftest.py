@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random LLaMA and MPT models built in-process with the SmolLM2 tokenizer (no downloads)."""
+"""Shared fixtures: tiny random LLaMA and MPT models built in-process with the SmolLM2 tokenizer (no downloads), and
+a data cache folder for the session."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ from qlorakit.model.load import default_gguf
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_data_cache(tmp_path_factory):
+    """The tokenized data cache of the whole session, subprocesses included, in a folder of its own (never the
+    user's ~/.cache). Tests that need an empty cache use one of their own (tests/data/conftest.py does)."""
+    folder = tmp_path_factory.mktemp("data-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QLORAKIT_DATA_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +68,15 @@ def run_dir(tiny_llama, tmp_path_factory):
                  "--max_steps", "6", "--learning_rate", "0.02", "--max_grad_norm", "1", "--save_strategy", "no",
                  "--eval_strategy", "no", "--bf16", "false"]) == 0
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where torch sees a CUDA device and are skipped elsewhere (CI has none)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu/run.sh runs these on one)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

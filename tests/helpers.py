@@ -110,3 +110,12 @@ def rel_diff(a: dict, b: dict) -> float:
     num = sum(float((a[k].float() - b[k].float()).norm() ** 2) for k in a) ** 0.5
     den = sum(float(a[k].float().norm() ** 2) for k in a) ** 0.5
     return num / den
+
+
+def random_examples(lengths, vocab: int = 320, seed: int = 0):
+    """Examples of random ids (3 <= id < vocab), every token trained: data that needs no tokenizer."""
+    from qlorakit.data.tokenize import Example
+
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+    return [Example(r, list(r)) for r in rows]

@@ -74,9 +74,10 @@ def test_bad_eval_file(tmp_path, capsys):
     assert p.name in err and all(w in err for w in want)
 
 
-def test_directory_as_dataset(tmp_path, capsys):
-    assert main(["train", "--dataset", str(tmp_path)]) == 2
-    assert "is a directory" in one_line_error(capsys, "train")
+def test_folder_without_data_files_as_dataset(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not data")
+    assert main(["train", "--dataset", str(tmp_path), "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"{tmp_path}: the folder holds no data files" in one_line_error(capsys, "train")
 
 
 BAD_CONFIG = [
@@ -90,7 +91,7 @@ BAD_CONFIG = [
     (["--bf16", "maybe"], ["bf16", "maybe"]),
     (["--packing", "yes"], ["packing", "true or false"]),
     (["--lerning_rate", "1e-4"], ["lerning_rate", "did you mean 'learning_rate'"]),
-    (["--max_steps"], ["max_steps: needs a value (from --max_steps)"]),  # a bare flag is true only for yes/no keys
+    (["--max_steps"], ["--max_steps: expected one argument"]),
     (["--learning-rate", "abc"], ["learning_rate", "'abc'", "not a number"]),  # --some-key is --some_key
     (["--learning", "1e-4"], ["unknown key 'learning'"]),  # no abbreviations
     (["--lerning_rate", "1e-4", "--bits", "3", "a.yaml", "b.yaml"],  # every problem at once
@@ -126,8 +127,9 @@ def test_bad_model_or_checkpoint_path(args, want, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,want", [
-    (["data"], "usage: qlorakit data check FILE"),
-    (["data", "check"], "usage: qlorakit data check FILE"),
+    (["data"], "usage: qlorakit data check [FILE] [CONFIG.yaml]"),
+    (["data", "check"], "usage: qlorakit data check [FILE] [CONFIG.yaml]"),
+    (["data", "check", "a.jsonl", "b.jsonl"], "unexpected argument 'b.jsonl'"),
     (["data", "check", "x.jsonl", "--model_max_len", "0"], "model_max_len: must be at least 1"),
     (["data", "check", "x.jsonl", "--prompt_format", "llama9"], "prompt_format"),
 ])
@@ -221,13 +223,14 @@ def test_help_describes_every_option(command, capsys):
 
 
 def test_train_help_lists_every_config_key_with_its_default(capsys):
-    from qlorakit.config import FIELDS
+    from qlorakit.config import FIELDS, default_of
 
     assert main(["train", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     for name, f in FIELDS.items():
-        default = str(f.default).lower() if isinstance(f.default, bool) else repr(f.default) \
-            if isinstance(f.default, str) else str(f.default)
+        value = default_of(f)  # a list key's default is made by a factory
+        default = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) \
+            else str(value)
         assert f"--{name} " in out and f"{' '.join(f.metadata['help'].split())} Default: {default}." in out, name
     assert "--nproc N" in out and "CONFIG.yaml" in out
 

@@ -75,7 +75,6 @@ def test_ignored_names_warn_once_each_in_one_line(tmp_path, capsys):
     (["--dataset_format", "oasst1"], "dataset_format: 'oasst1' (from --dataset_format): qlora's oasst1 layout"),
     (["--use_flash_attention_2", "--attn_implementation", "eager"], "disagree; give one of them"),
     (["--do_train", "maybe"], "do_train: 'maybe' (from --do_train) is not true or false"),
-    (["--lora_r"], "lora_r: needs a value (from --lora_r)"),
     (["--evaluation_strategy", "sometimes"], "eval_strategy: 'sometimes' is not one of no, steps, epoch"),
     (["--do_mmlu_evaluation", "true"], "unknown key 'do_mmlu_evaluation' (from --do_mmlu_evaluation); did you mean "
                                           "'do_mmlu_eval'?"),
@@ -85,6 +84,21 @@ def test_refusals_and_mistakes_say_what_to_use(args, want):
     with pytest.raises(ConfigError) as e:
         build_config(args)
     assert want in str(e.value)
+
+
+def test_a_bare_flag_is_true_only_for_a_yes_no_key(tmp_path):
+    from qlorakit.errors import UserError
+
+    with pytest.raises(UserError, match="argument --lora_r: expected one argument"):
+        build_config(["--lora_r", "--bf16"])
+    with pytest.raises(ConfigError, match="lora_r: needs a value .*; double_quant: needs a value"):  # YAML keys
+        build_config([str(write_yaml(tmp_path / "c.yaml", "lora_r:\ndouble_quant:\n"))])
+    assert build_config(["--packing", "--bf16", "--lora_r", "8"]).packing is True
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def test_refused_yes_no_names_are_fine_when_false():

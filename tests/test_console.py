@@ -4,6 +4,7 @@ one, not whole loggers."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -32,3 +33,17 @@ def test_only_that_notice_is_dropped(caplog):
         log.warning(BNB_KERNELS_NOTICE + ": %s. Please make sure ...", "No module named 'kernels'")  # as bnb does
         log.warning("something else went wrong")
     assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+
+
+@pytest.mark.parametrize("imported_first", [False, True])
+def test_datasets_logs_and_progress_bars_are_quiet(imported_first):
+    """Through the variables datasets reads at import (no command pays for importing it), or directly where it was
+    imported before."""
+    code = ("import datasets\n" if imported_first else "") + (
+        "from qlorakit.console import quiet_libraries\nquiet_libraries()\nimport datasets, logging\n"
+        "print(datasets.utils.logging.get_verbosity() == logging.ERROR, datasets.is_progress_bar_enabled())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items()
+                               if k not in ("DATASETS_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "False"], proc.stdout

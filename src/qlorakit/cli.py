@@ -31,7 +31,7 @@ class Command(NamedTuple):
 COMMANDS = {
     "train": Command("qlorakit.cli", "train_main", "train [CONFIG.yaml] [--key value ...]",
                      "fine-tune (no arguments: the embedded default job)"),
-    "data": Command("qlorakit.cli", "data_main", "data check FILE [--key value ...]",
+    "data": Command("qlorakit.cli", "data_main", "data check [FILE] [CONFIG.yaml] [--key value ...]",
                     "rows, token lengths, trained share, a rendered example"),
     "merge": Command("qlorakit.export.merge", "merge_main", "merge RUN_DIR --output DIR",
                      "adapter merged into the base: a plain transformers model"),
@@ -87,6 +87,11 @@ def train_args(argv: list[str]):
 def train_main(argv: list[str]) -> int:
     cfg, nproc = train_args(argv)
     if nproc > 1:
+        from .data.prepare import DataOptions
+
+        opts = DataOptions.from_config(cfg)  # a malformed or missing source: one line here, not one per worker
+        for spec in (*opts.sources, *opts.eval_sources):
+            spec.kind()
         return _torchrun(nproc, _without_nproc(argv))
     from .train.loop import train
 
@@ -133,30 +138,54 @@ def _torchrun(n: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env={**os.environ, WARNED: "1"})
 
 
-DATA_DESCRIPTION = """Check a training file before you train on it: rows, token lengths, the share of tokens that are
-trained, and one example rendered in the prompt format with its trained part marked. FILE is read as training
-would read it, with the keys below (the tokenizer of --model_name_or_path, --prompt_format, --model_max_len...)."""
+DATA_DESCRIPTION = """Check data before you train on it: for each source its rows, token lengths, the share of tokens
+that are trained, and for a mixture the rows each source gives the run; then one example rendered in the prompt
+format with its trained part marked. The data is read as training would read it, with the keys below (the
+tokenizer of --model_name_or_path, --prompt_format, --model_max_len...), and the examples it tokenizes are the cache
+the next run loads.
+
+FILE is one source or a mixture in the syntax of --dataset (a.jsonl:0.7,b.parquet:max_rows=500:format=alpaca).
+CONFIG.yaml is a 'qlorakit train' config file: its dataset or datasets list (and eval data) are checked with its
+keys; a FILE given with it replaces its training data. A --key value flag wins over the file."""
+DATA_USAGE = "qlorakit data check [FILE] [CONFIG.yaml] [--key value ...]"
 
 
 def data_parser() -> Parser:
     from .config import add_config_options
 
-    return add_config_options(Parser("qlorakit data", usage="qlorakit data check FILE [--key value ...]",
-                                     description=DATA_DESCRIPTION))
+    return add_config_options(Parser("qlorakit data", usage=DATA_USAGE, description=DATA_DESCRIPTION))
+
+
+def data_config(argv: list[str], parser: Parser):
+    """The TrainConfig ``data check`` reads: a CONFIG.yaml (any argument ending .yaml or .yml), FILE over its
+    training data, flags over both."""
+    from .config import ConfigError, config_from_mapping, load_yaml, merge_flags, parse_args
+
+    _, positionals, flags = parse_args(argv, parser)
+    if positionals[:1] != ["check"] or len(positionals) < 2:
+        parser.error("give 'check', then the data: FILE (one source or a mixture) or a CONFIG.yaml")
+    configs = [a for a in positionals[1:] if a.lower().endswith((".yaml", ".yml"))]
+    files = [a for a in positionals[1:] if a not in configs]
+    extra = configs[1:] + files[1:]
+    if extra:
+        parser.error(f"unexpected argument {extra[0]!r}: give one FILE and/or one CONFIG.yaml, then --key value "
+                     "pairs")
+    values, problems = {}, []
+    if configs:
+        try:
+            values = load_yaml(configs[0])
+        except ConfigError as e:
+            problems.append(str(e))
+    if files:
+        values = {**{k: v for k, v in values.items() if k != "datasets"}, "dataset": (files[0], "FILE")}
+    return config_from_mapping(merge_flags(values, flags), problems)
 
 
 def data_main(argv: list[str]) -> int:
-    from .config import config_from_mapping, parse_args
     from .data.check import check_file
     from .model.load import load_tokenizer, resolve_model_path
 
-    parser = data_parser()
-    _, positionals, flags = parse_args(argv, parser)
-    if positionals[:1] != ["check"] or len(positionals) < 2:
-        parser.error("give 'check' and the file to check")
-    if len(positionals) > 2:
-        parser.error(f"unexpected argument {positionals[2]!r}: give one file, then --key value pairs")
-    cfg = config_from_mapping({"dataset": (positionals[1], "FILE"), **flags})
+    cfg = data_config(argv, data_parser())
     print(check_file(cfg, lambda c: load_tokenizer(resolve_model_path(c.model_name_or_path), c.trust_remote_code)))
     return 0
 

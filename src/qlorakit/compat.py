@@ -18,7 +18,9 @@ It sits below the config: it knows the config's keys by name only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .options import Parser
 
@@ -31,6 +33,59 @@ class Alias:
     boolean: bool = False  # a yes/no name: a bare --flag means true, as Hugging Face's argument parser allows
     target: str = ""  # renamed: qlorakit's key
     sets: dict = field(default_factory=dict)  # mapped, boolean: {True: {key: value}, False: {key: value}}
+
+
+def _key(default, help: str, choices: tuple | None = None, many: bool = False):
+    """A config key, as config.py's are: its default, help and choices; ``many``: the flag takes several words."""
+    return field(default=default, metadata={"help": help, "choices": choices, "many": many})
+
+
+@dataclass
+class QloraKeys:
+    """The config keys that come from qlora, its fork and the Hugging Face Trainer: a part of TrainConfig, whose
+    help lists them last, in a section of their own."""
+
+    source_max_len: int = _key(0, "qlora's cut: each prompt keeps its first N tokens (the BOS counts), as qlora's "
+                             "collator cuts its input; 0 = no limit. model_max_len still caps the whole example.")
+    target_max_len: int = _key(0, "qlora's cut: each reply keeps its first N tokens (its end token counts); 0 = no "
+                             "limit.")
+    max_train_samples: int = _key(0, "Train on the first N examples of the training split only; 0 = all.")
+    max_eval_samples: int = _key(0, "Evaluate on the first N examples of the eval split only; 0 = all.")
+    data_seed: int = _key(-1, "Seed of the eval split and the example order; -1 = seed.")
+    adam_beta1: float = _key(0.9, "AdamW's beta1 (decay of the gradient average).")
+    adam_beta2: float = _key(0.999, "AdamW's beta2 (decay of the squared-gradient average).")
+    adam_epsilon: float = _key(1e-8, "AdamW's epsilon.")
+    attn_implementation: str = _key("auto", "Attention kernel: auto (transformers' choice, SDPA where the model has "
+                                  "it), sdpa, eager, or flash_attention_2 (a CUDA GPU with the flash-attn package; "
+                                  "elsewhere the log says what is used instead).",
+                                  ("auto", "sdpa", "eager", "flash_attention_2"))
+    working_dir: str = _key("", "Where checkpoint-STEP folders go (the fork's name); '' = output_dir.")
+    merged_output_dir: str = _key("", "After training, merge the adapter into its base and save a plain transformers "
+                                "model here, as 'qlorakit merge' does; '' = no merge.")
+    logging_strategy: str = _key("steps", "When to log the training loss: every logging_steps steps, at the end of "
+                               "each epoch, or never.", ("steps", "epoch", "no"))
+    report_to: str = _key("none", "Trackers that also get the metrics, the config and the model card: none, or some "
+                        "of tensorboard, wandb, mlflow, trackio (comma-separated, or several words); all = those "
+                        "installed.", many=True)
+    run_name: str = _key("", "The run's name in those trackers; '' = the output_dir folder's name.")
+    do_mmlu_eval: bool = _key(False, "At each evaluation also score MMLU accuracy (qlora's MMLU callback).")
+    mmlu_dataset: str = _key("mmlu-fs", "The MMLU file: a JSON or JSONL file of {subject, input, output} rows, or "
+                           "qlora's names mmlu-fs (five-shot) and mmlu-zs (zero-shot), read from data/mmlu/ as in "
+                           "a qlora checkout.")
+    mmlu_split: str = _key("eval", "With mmlu-fs or mmlu-zs: the validation (eval) or test file.", ("eval", "test"))
+    max_mmlu_samples: int = _key(0, "Score the first N MMLU questions only; 0 = all.")
+    mmlu_source_max_len: int = _key(2048, "Longest MMLU prompt in tokens; a longer one keeps its end (the question).")
+
+    def data_order_seed(self) -> int:
+        """The seed of the eval split and the example order: data_seed where given, else seed."""
+        return self.seed if self.data_seed < 0 else self.data_seed
+
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoint-STEP folders go: working_dir where given, else output_dir."""
+        return Path(self.working_dir or self.output_dir)
+
+
+QLORA_KEYS = frozenset(f.name for f in dataclasses.fields(QloraKeys))
 
 
 GENERATION = "a setting of qlora's predict step; 'qlorakit chat' and 'qlorakit generate' take their own"
@@ -115,12 +170,23 @@ def as_boolean(value) -> bool | None:
     return BOOLEAN_WORDS.get(str(value).lower())
 
 
-def resolve(given: dict[str, tuple[object, str]]) -> tuple[dict[str, tuple[object, str]], list[str], list[str]]:
-    """``given`` (key -> (value, where from)) in qlorakit's keys; the problems (refusals, contradictions); the warning
-    lines of the names that have no effect. Keys that are not aliases pass through (unknown ones too: the config
-    reports those with its own problems)."""
-    out = {k: v for k, v in given.items() if k not in ALIASES}
-    problems, warnings = [], []
+def resolve(given: dict[str, tuple[object, str]], keys: dict[str, bool] | None = None
+            ) -> tuple[dict[str, tuple[object, str]], list[str], list[str]]:
+    """``given`` (key -> (value, where from)) in qlorakit's ``keys`` (key -> whether it is a yes/no key); the
+    problems (refusals, contradictions, a bare flag that needs a value); the warning lines of the names that have no
+    effect. A bare --flag (value None) of a yes/no key means true, as in Hugging Face's parser. Other keys pass
+    through (unknown ones too: the config reports those with its own problems)."""
+    keys = keys or {}
+    out, problems, warnings = {}, [], []
+    for key, (value, source) in given.items():
+        if key in ALIASES:
+            continue
+        if value is None and key in keys:  # a bare --flag (or a YAML key without a value)
+            if not (keys[key] and source.startswith("--")):
+                problems.append(f"{key}: needs a value (from {source})")
+                continue
+            value = "true"
+        out[key] = (value, source)
     for key, (value, source) in given.items():
         alias = ALIASES.get(key)
         if alias is None:

@@ -14,23 +14,32 @@ from pathlib import Path
 
 import yaml
 
-from .compat import ALIASES, add_alias_options, resolve, validate_qlora_keys
+from .compat import ALIASES, QLORA_KEYS, QloraKeys, add_alias_options, resolve, validate_qlora_keys
+from .config_values import ValueProblem, coerce
 from .errors import UserError
 from .options import Parser, split_extras
-from .resources import SAMPLE_DATASET
 
 
 class ConfigError(UserError):
     """A mistake in the user's configuration. The message is meant to be printed as is, without a traceback."""
 
 
-def _f(default, help: str, choices: tuple | None = None, many: bool = False):
-    """A config key: its default, help and choices; ``many``: the flag takes several words (joined with commas)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "many": many})
+def _f(default, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _list(help: str):
+    """A key whose value is a YAML list (empty by default)."""
+    return field(default_factory=list, metadata={"help": help, "choices": None})
+
+
+def default_of(f: dataclasses.Field):
+    """A field's default value (a fresh one for a list key)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its fork and the Trainer, listed last
     # --- model ---
     model_name_or_path: str = _f("default", "Base model: 'default' (embedded SmolLM2-135M-Instruct), a local "
                                  "Hugging Face directory, a .gguf file, or a hub id.")
@@ -57,8 +66,19 @@ class TrainConfig:
     lora_modules: str = _f("all", "'all' linear layers except the output head, or a comma-separated list of module "
                            "names (e.g. q_proj,v_proj).")
     # --- data ---
-    dataset: str = _f("default", "Training data: a JSONL file, or 'default' (the embedded airoboros sample).")
-    dataset_format: str = _f("auto", "Row layout.", ("auto", "airoboros", "alpaca", "messages"))
+    dataset: str = _f("default", "Training data: one source or a mixture. A source is a .jsonl, .json, .parquet or "
+                      ".csv file, a folder of them, a folder written by datasets' save_to_disk, or a hub id "
+                      "(org/name); 'default' is the embedded airoboros sample. Sources are separated by commas, "
+                      "each PATH with optional :OPTION parts, an option being a weight (a number) or weight=, "
+                      "max_rows=, format=, split=, subset=; e.g. a.jsonl:0.7,b.parquet:max_rows=500 or "
+                      "org/name:subset=en:split=train:format=sharegpt (docs/data.md).")
+    datasets: list = _list("The training data as a YAML list instead of dataset, one mapping per source: {path, "
+                           "format, weight or max_rows, split, subset, columns} (columns renames a layout's fields "
+                           "to the dataset's, e.g. {instruction: question, response: answer}). On the command line, "
+                           "the list in YAML flow style: '[{path: a.jsonl, weight: 0.7}, {path: b.parquet}]'.")
+    dataset_format: str = _f("auto", "Row layout of the sources that do not set their own format (auto = from the "
+                             "first row's fields or a table's columns); sharegpt reads conversations/from/value.",
+                             ("auto", "airoboros", "alpaca", "messages", "sharegpt"))
     prompt_format: str = _f("airoboros", "How conversations are rendered to text.",
                             ("airoboros", "vicuna", "alpaca", "chatml", "llama2", "tokenizer"))
     model_max_len: int = _f(1024, "Longest example in tokens.")
@@ -69,9 +89,23 @@ class TrainConfig:
                                "example order does not depend on the batch size.")
     packing: bool = _f(True, "Pack each micro-batch into one padding-free row; attention never crosses examples "
                        "(positions restart per example).")
+    max_tokens_per_batch: int = _f(0, "With packing: fill each micro-batch with whole examples up to this many "
+                                   "tokens (one padding-free row, bins chosen first-fit-decreasing on the CPU) instead "
+                                   "of per_device_train_batch_size examples; 0 = off. At least model_max_len.")
+    chunked_loss: str = _f("auto", "Compute the loss a chunk of trained positions at a time, never holding "
+                           "full-vocabulary float32 logits (Liger's fused kernel on CUDA where installed): true, "
+                           "false, or auto = on CUDA. Equal to the plain loss to float rounding.",
+                           ("auto", "true", "false"))
     eval_dataset_size: float = _f(0.0, "Held-out share of the training data: a count (>= 1) or a fraction (< 1). "
                                   "0 = none.")
-    eval_dataset: str = _f("", "A separate JSONL file to evaluate on (instead of a split).")
+    eval_dataset: str = _f("", "Separate data to evaluate on (instead of a split): one source or a mixture, in the "
+                           "syntax of dataset.")
+    eval_datasets: list = _list("The eval data as a YAML list instead of eval_dataset, entries as in datasets.")
+    data_cache_dir: str = _f("", "Where tokenized examples are cached (the next run with the same inputs loads "
+                             "them): '' = $QLORAKIT_DATA_CACHE, else $XDG_CACHE_HOME/qlorakit/data, else "
+                             "~/.cache/qlorakit/data. Nothing is deleted automatically.")
+    data_num_proc: int = _f(0, "Processes that tokenize a source not cached yet; 0 = one per core, each with at "
+                            "least 20,000 rows.")
     # --- schedule ---
     output_dir: str = _f("runs/default", "Run directory: adapter, tokenizer, config, metrics, model card.")
     num_train_epochs: float = _f(2.0, "Epochs to train (used when max_steps is not set).")
@@ -102,37 +136,6 @@ class TrainConfig:
     logging_steps: int = _f(1, "Log every N optimizer steps.")
     # --- distributed ---
     fsdp: bool = _f(False, "Under torchrun: shard the model with FSDP2 instead of replicating it with DDP.")
-    # --- keys of qlora, its fork and the Hugging Face Trainer (docs/coming-from-qlora.md) ---
-    source_max_len: int = _f(0, "qlora's cut: each prompt keeps its first N tokens (the BOS counts), as qlora's "
-                             "collator cuts its input; 0 = no limit. model_max_len still caps the whole example.")
-    target_max_len: int = _f(0, "qlora's cut: each reply keeps its first N tokens (its end token counts); 0 = no "
-                             "limit.")
-    max_train_samples: int = _f(0, "Train on the first N examples of the training split only; 0 = all.")
-    max_eval_samples: int = _f(0, "Evaluate on the first N examples of the eval split only; 0 = all.")
-    data_seed: int = _f(-1, "Seed of the eval split and the example order; -1 = seed.")
-    adam_beta1: float = _f(0.9, "AdamW's beta1 (decay of the gradient average).")
-    adam_beta2: float = _f(0.999, "AdamW's beta2 (decay of the squared-gradient average).")
-    adam_epsilon: float = _f(1e-8, "AdamW's epsilon.")
-    attn_implementation: str = _f("auto", "Attention kernel: auto (transformers' choice, SDPA where the model has "
-                                  "it), sdpa, eager, or flash_attention_2 (a CUDA GPU with the flash-attn package; "
-                                  "elsewhere the log says what is used instead).",
-                                  ("auto", "sdpa", "eager", "flash_attention_2"))
-    working_dir: str = _f("", "Where checkpoint-STEP folders go (the fork's name); '' = output_dir.")
-    merged_output_dir: str = _f("", "After training, merge the adapter into its base and save a plain transformers "
-                                "model here, as 'qlorakit merge' does; '' = no merge.")
-    logging_strategy: str = _f("steps", "When to log the training loss: every logging_steps steps, at the end of "
-                               "each epoch, or never.", ("steps", "epoch", "no"))
-    report_to: str = _f("none", "Trackers that also get the metrics, the config and the model card: none, or some "
-                        "of tensorboard, wandb, mlflow, trackio (comma-separated, or several words); all = those "
-                        "installed.", many=True)
-    run_name: str = _f("", "The run's name in those trackers; '' = the output_dir folder's name.")
-    do_mmlu_eval: bool = _f(False, "At each evaluation also score MMLU accuracy (qlora's MMLU callback).")
-    mmlu_dataset: str = _f("mmlu-fs", "The MMLU file: a JSON or JSONL file of {subject, input, output} rows, or "
-                           "qlora's names mmlu-fs (five-shot) and mmlu-zs (zero-shot), read from data/mmlu/ as in "
-                           "a qlora checkout.")
-    mmlu_split: str = _f("eval", "With mmlu-fs or mmlu-zs: the validation (eval) or test file.", ("eval", "test"))
-    max_mmlu_samples: int = _f(0, "Score the first N MMLU questions only; 0 = all.")
-    mmlu_source_max_len: int = _f(2048, "Longest MMLU prompt in tokens; a longer one keeps its end (the question).")
 
     # ------------------------------------------------------------------
     def use_bf16(self) -> bool:
@@ -141,58 +144,22 @@ class TrainConfig:
 
         return bf16_is_fast() if self.bf16 == "auto" else self.bf16 == "true"
 
-    def dataset_path(self) -> Path:
-        """The training rows' file: ``default`` is the sample shipped in qlorakit/resources."""
-        return SAMPLE_DATASET if self.dataset == "default" else Path(self.dataset)
-
-    def data_order_seed(self) -> int:
-        """The seed of the eval split and the example order: data_seed where given, else seed."""
-        return self.seed if self.data_seed < 0 else self.data_seed
-
-    def checkpoint_dir(self) -> Path:
-        """Where checkpoint-STEP folders go: working_dir where given, else output_dir."""
-        return Path(self.working_dir or self.output_dir)
-
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        return {name: values[name] for name in FIELDS}
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = {f.name: f for f in sorted(dataclasses.fields(TrainConfig), key=lambda f: f.name in QLORA_KEYS)}
+DATA_PAIRS = (("dataset", "datasets"), ("eval_dataset", "eval_datasets"))  # one string or a YAML list: not both
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
 def _coerce(key: str, value, source: str):
-    """Return ``value`` as the field's type, or raise ConfigError naming key and source."""
-    typ = _TYPES[key]
+    """``value`` as the field's type, or ConfigError naming key and source (config_values.py)."""
     try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError  # YAML's 2.5 is not silently 2
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is str:
-            if isinstance(value, (list, tuple)):
-                return ",".join(str(v) for v in value)
-            if isinstance(value, bool):  # YAML's true/false, for keys such as bf16 that also take "auto"
-                return str(value).lower()
-            if isinstance(value, dict) or value is None:
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
-    raise ConfigError(f"{key}: {value!r} (from {source}) is not {want}")
+        return coerce(key, _TYPES[key], value, source)
+    except ValueProblem as e:
+        raise ConfigError(str(e)) from None
 
 
 def _suggest(key: str) -> str:
@@ -221,7 +188,11 @@ def _metavar(name: str, f: dataclasses.Field) -> str:
     choices = f.metadata.get("choices")
     if choices:
         return "|".join(map(str, choices))
-    return {bool: "true|false", int: "N", float: "X", str: "TEXT"}[_TYPES[name]]
+    return {bool: "true|false", int: "N", float: "X", str: "TEXT", list: "YAML_LIST"}[_TYPES[name]]
+
+
+def _yes_no(key: str) -> bool:
+    return _TYPES[key] is bool or "true" in (FIELDS[key].metadata["choices"] or ())
 
 
 def add_config_options(parser: Parser) -> Parser:
@@ -232,11 +203,11 @@ def add_config_options(parser: Parser) -> Parser:
     for name, f in FIELDS.items():
         if name in SECTIONS:
             group = parser.add_argument_group(f"{SECTIONS[name]} keys")
-        help = f"{f.metadata['help']} Default: {_show(f.default)}."
-        # nargs "?": a bare --key is read too (true for a yes/no key, as Hugging Face's parser reads it; for any
-        # other key config_from_mapping says it needs a value, with every other problem)
-        group.add_argument(f"--{name}", metavar=_metavar(name, f), nargs="*" if f.metadata["many"] else "?",
-                           const=None, default=argparse.SUPPRESS, help=help.replace("%", "%%"))
+        help = f"{f.metadata['help']} Default: {_show(default_of(f))}."
+        # a bare yes/no --key is read too, as true, as in Hugging Face's parser (compat.resolve)
+        nargs = {"nargs": "+"} if f.metadata.get("many") else {"nargs": "?"} if _yes_no(name) else {}
+        group.add_argument(f"--{name}", metavar=_metavar(name, f), const=None, default=argparse.SUPPRESS,
+                           help=help.replace("%", "%%"), **nargs)
     return add_alias_options(parser)
 
 
@@ -294,20 +265,26 @@ def read_args(argv: list[str], parser: Parser | None = None, warnings: list[str]
             merged = load_yaml(positionals[0])
         except ConfigError as e:
             problems.append(str(e))
-    merged.update(flags)
-    return config_from_mapping(merged, problems, warnings), ns
+    return config_from_mapping(merge_flags(merged, flags), problems, warnings), ns
 
 
-def _yes_no(key: str) -> bool:
-    return _TYPES[key] is bool or "true" in (FIELDS[key].metadata.get("choices") or ())
+def merge_flags(file_values: dict[str, tuple[object, str]], flags: dict[str, tuple[object, str]]
+                ) -> dict[str, tuple[object, str]]:
+    """A config file's key -> (value, source) with the flags' over them: a flag wins over the file, and a flag
+    that gives the data in one form (dataset, or the datasets list) replaces the file's other form."""
+    merged = dict(file_values)
+    for one, many in DATA_PAIRS:
+        if (one in flags) != (many in flags):
+            merged.pop(many if one in flags else one, None)
+    return {**merged, **flags}
 
 
 def config_from_mapping(merged: dict[str, tuple[object, str]], problems: list[str] | None = None,
                         warnings: list[str] | None = None) -> TrainConfig:
     """The TrainConfig of key -> (value, where it came from); ``problems`` found before are reported with the
-    ones found here, all at once. Names of qlora, its fork and the Trainer are read as ``compat`` says; the lines
-    of those that have no effect go to ``warnings``."""
-    merged, alias_problems, alias_warnings = resolve(merged)
+    ones found here, all at once. Bare flags and the names of qlora, its fork and the Trainer are read as
+    ``compat.resolve`` says; the lines of those that have no effect go to ``warnings``."""
+    merged, alias_problems, alias_warnings = resolve(merged, {k: _yes_no(k) for k in FIELDS})
     problems = list(problems or []) + alias_problems
     if warnings is not None:
         warnings += alias_warnings
@@ -316,11 +293,6 @@ def config_from_mapping(merged: dict[str, tuple[object, str]], problems: list[st
         if key not in FIELDS:
             problems.append(f"unknown key '{key}' (from {source}){_suggest(key)}")
             continue
-        if value is None or value == []:  # a bare --key, or a YAML key without a value
-            if not _yes_no(key):
-                problems.append(f"{key}: needs a value (from {source})")
-                continue
-            value = "true"
         try:
             values[key] = _coerce(key, value, source)
         except ConfigError as e:
@@ -356,12 +328,23 @@ def validate(cfg: TrainConfig) -> list[str]:
             problems.append(f"{name}: must be >= 0, got {getattr(cfg, name)}")
     if cfg.eval_dataset_size >= 1 and not float(cfg.eval_dataset_size).is_integer():
         problems.append(f"eval_dataset_size: a count must be whole, got {cfg.eval_dataset_size}")
+    for one, many in DATA_PAIRS:
+        if getattr(cfg, many) and getattr(cfg, one) not in ("", "default"):
+            problems.append(f"{one} and {many} are both set; give the data as {one} (one source, or a mixture as "
+                            f"PATH:OPTION,PATH...) or as the {many} list, not both")
     if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
         problems.append("num_train_epochs: must be > 0 when max_steps is not set")
     if cfg.save_strategy == "steps" and cfg.save_steps < 1:
         problems.append(f"save_steps: must be at least 1, got {cfg.save_steps}")
     if cfg.eval_strategy == "steps" and cfg.eval_steps < 1:
         problems.append(f"eval_steps: must be at least 1, got {cfg.eval_steps}")
+    if cfg.max_tokens_per_batch < 0:
+        problems.append(f"max_tokens_per_batch: must be >= 0, got {cfg.max_tokens_per_batch}")
+    elif 0 < cfg.max_tokens_per_batch < cfg.model_max_len:
+        problems.append(f"max_tokens_per_batch: {cfg.max_tokens_per_batch} is below model_max_len "
+                        f"{cfg.model_max_len}; raise it so every example fits one micro-batch")
+    elif cfg.max_tokens_per_batch and not cfg.packing:
+        problems.append("max_tokens_per_batch: needs packing true (it fills one padding-free row)")
     if cfg.max_nonfinite_steps < 1:
         problems.append(f"max_nonfinite_steps: must be at least 1, got {cfg.max_nonfinite_steps}")
     if cfg.early_stopping_patience and cfg.eval_strategy == "no":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 # bitsandbytes logs this when it is imported on a CPU without the optional 'kernels' package; it then uses its own
 # CPU kernels, which is what qlorakit tests on. Only this message is dropped: the logger's other records still show.
@@ -25,6 +26,7 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*Paged optimizers are not supported on CPU.*")
     # Deprecation notices from libraries about their own internals are not the user's to act on.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
+    _quiet_datasets()
     try:
         from transformers.utils import logging as hf_logging
 
@@ -32,3 +34,15 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def _quiet_datasets() -> None:
+    """datasets' info logs and progress bars (its loaders, the tokenizing map of the data cache): through the
+    variables it reads when imported, so no command pays for importing it; directly where it was imported already."""
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()

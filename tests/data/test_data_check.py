@@ -92,3 +92,29 @@ def test_data_check_on_a_parquet_file_and_on_a_mixture(tiny_llama, tmp_path, cap
     assert blocks[1].startswith(f"file: {table}\nrows: 4\n")
     assert f"mixture: {jsonl} (airoboros): 3 of 6 rows, weight 0.5 -> 3 train, 0 eval examples" in mixed
     assert f"mixture: {table} (alpaca): 2 of 4 rows, max_rows 2 -> 2 train, 0 eval examples" in mixed
+
+
+def test_data_check_on_a_yaml_mixture(tiny_llama, tmp_path, capsys, write_table, alpaca_rows):
+    """A train config with a datasets list and no FILE: each source's block, the mixture's lines, its eval data;
+    a FILE given with the config replaces its training data."""
+    from helpers import airoboros_rows
+
+    jsonl = write_table(tmp_path / "a.jsonl", airoboros_rows(6))
+    table = write_table(tmp_path / "b.parquet", alpaca_rows(4))
+    evals = write_table(tmp_path / "e.csv", airoboros_rows(3, seed=9))
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model_max_len: 256\ndatasets:\n  - path: {jsonl}\n    weight: 0.5\n  - path: {table}\n"
+                      f"    format: alpaca\n    max_rows: 2\neval_datasets:\n  - {evals}\n")
+    out = check(capsys, config, tiny_llama)
+    blocks = out.split("\n\n")
+    assert [b.split("\n")[0] for b in blocks[:3]] == [f"file: {jsonl}", f"file: {table}", f"file: {evals}"]
+    assert f"mixture: {jsonl} (airoboros): 3 of 6 rows, weight 0.5 -> 3 train, 0 eval examples" in out
+    assert f"mixture: {table} (alpaca): 2 of 4 rows, max_rows 2 -> 2 train, 0 eval examples" in out
+    assert f"eval: 3 rows from {evals}" in out
+    alone = check(capsys, jsonl, tiny_llama, "--model_max_len", "256")
+    replaced = check(capsys, jsonl, tiny_llama, str(config))  # the config's keys, FILE for its training data
+    assert replaced.split("\n\n")[0] == alone.split("\n\n")[0]
+    assert f"file: {table}" not in replaced and f"file: {evals}" in replaced
+    # a training source gives no eval example when the eval data has sources of its own
+    assert f"mixture: {jsonl} (airoboros): 6 of 6 rows, all rows -> 6 train, 0 eval examples" in replaced
+    assert f"mixture: {evals} (airoboros): 3 of 3 rows, all rows -> 0 train, 3 eval examples" in replaced

@@ -41,6 +41,21 @@ def test_airoboros_jsonl_and_alpaca_parquet_with_weights_give_the_expected_count
     assert not train_rows & {e.source for e in data.eval}  # a held-out row is never trained on, repeated or not
 
 
+def test_eval_sources_of_their_own_leave_the_training_sources_nothing_held_out(tmp_path, tokenizer, write_table,
+                                                                              alpaca_rows):
+    a = write_jsonl(tmp_path / "a.jsonl", airoboros_rows(6))
+    b = write_table(tmp_path / "b.parquet", alpaca_rows(4))
+    e = write_jsonl(tmp_path / "e.jsonl", airoboros_rows(3, seed=7))
+    for train in (f"{a}", f"{a},{b}"):  # one training source, and two (more than there are eval sources)
+        data = prepare_data(DataOptions(tuple(parse_dataset_arg(train)), tuple(parse_dataset_arg(str(e)))),
+                            tokenizer)
+        *trains, evals = data.sources
+        assert [s.eval_examples for s in trains] == [0] * len(trains)
+        assert [s.train_examples for s in trains] == [6, 4][:len(trains)]
+        assert (evals.role, evals.train_examples, evals.eval_examples) == ("eval", 0, 3) and len(data.eval) == 3
+        assert [x.source for x in data.eval] == [f"{e}:{n}" for n in (1, 2, 3)]
+
+
 def test_weights_and_caps_select_seeded_rows():
     spec = SourceSpec("x.jsonl", weight=2.5)
     use = select_rows(10, spec, seed=1, salt=0)

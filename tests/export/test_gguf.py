@@ -1,4 +1,4 @@
-"""Tests for qlorakit.export.gguf: a GGUF written in pure Python must read back as the same model.
+"""Tests for qlorakit.export.gguf_write: a GGUF written in pure Python must read back as the same model.
 
 The round trips go through transformers' own GGUF loader (the one in ``from_pretrained(gguf_file=...)``),
 which undoes llama.cpp's Q/K permutation and rebuilds the tokenizer from ``tokenizer.ggml.*``; the
@@ -22,6 +22,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaTokenizer,
@@ -32,7 +34,7 @@ from transformers import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.utils.quantization_config import GgufConfig
 
-from qlorakit.export.gguf import export_gguf
+from qlorakit.export.gguf_write import write_gguf
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -167,7 +169,7 @@ def exported(tmp_path_factory, tiny_model):
 
     def export(outtype: str) -> Path:
         if outtype not in files:
-            files[outtype] = export_gguf(model_dir, gguf_dir / f"tiny-{outtype}.gguf", outtype)
+            files[outtype] = write_gguf(model_dir, gguf_dir / f"tiny-{outtype}.gguf", outtype)
         return files[outtype]
 
     return export
@@ -309,8 +311,8 @@ def test_chat_template_argument_overrides_the_tokenizer_one(tmp_path, small_voca
     save_tiny_llama(tmp_path / "hf", small_vocab_tokenizer, vocab_size=len(small_vocab_tokenizer))
     custom = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
 
-    default_file = export_gguf(tmp_path / "hf", tmp_path / "default.gguf")
-    custom_file = export_gguf(tmp_path / "hf", tmp_path / "custom.gguf", chat_template=custom)
+    default_file = write_gguf(tmp_path / "hf", tmp_path / "default.gguf")
+    custom_file = write_gguf(tmp_path / "hf", tmp_path / "custom.gguf", chat_template=custom)
 
     assert field(gguf.GGUFReader(default_file), "tokenizer.chat_template") == small_vocab_tokenizer.chat_template
     assert field(gguf.GGUFReader(custom_file), "tokenizer.chat_template") == custom
@@ -320,7 +322,7 @@ def test_unknown_byte_level_bpe_exports_as_gpt2_with_padded_vocab_and_q8_0(tmp_p
     # Pad the embedding past the tokenizer, and make ffn_down's rows (48) not fill whole Q8_0 blocks.
     vocab_size = len(small_vocab_tokenizer) + 13
     save_tiny_llama(tmp_path / "hf", small_vocab_tokenizer, vocab_size=vocab_size, intermediate_size=48)
-    out_file = export_gguf(tmp_path / "hf", tmp_path / "small.gguf", outtype="q8_0")
+    out_file = write_gguf(tmp_path / "hf", tmp_path / "small.gguf", outtype="q8_0")
 
     reader = gguf.GGUFReader(out_file)
     assert field(reader, "tokenizer.ggml.pre") == "gpt-2"
@@ -357,7 +359,7 @@ def test_sentencepiece_style_tokenizer_exports_as_llama(tmp_path):
     tokenizer = LlamaTokenizer(vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
                                add_bos_token=True)
     save_tiny_llama(tmp_path / "hf", tokenizer, vocab_size=len(tokenizer))
-    out_file = export_gguf(tmp_path / "hf", tmp_path / "sp.gguf")
+    out_file = write_gguf(tmp_path / "hf", tmp_path / "sp.gguf")
 
     reader = gguf.GGUFReader(out_file)
     assert field(reader, "tokenizer.ggml.model") == "llama"
@@ -378,7 +380,7 @@ def test_sentencepiece_style_tokenizer_exports_as_llama(tmp_path):
 def test_untied_lm_head_is_written_as_output(tmp_path, small_vocab_tokenizer):
     model = save_tiny_llama(tmp_path / "hf", small_vocab_tokenizer, vocab_size=len(small_vocab_tokenizer),
                             tie_word_embeddings=False)
-    out_file = export_gguf(tmp_path / "hf", tmp_path / "untied.gguf")
+    out_file = write_gguf(tmp_path / "hf", tmp_path / "untied.gguf")
     assert "output.weight" in tensor_types(gguf.GGUFReader(out_file))
 
     reread = load_gguf_model(out_file)
@@ -397,7 +399,7 @@ def test_sharded_checkpoint_exports_the_same_tensors(tmp_path, small_vocab_token
     assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
 
     def tensors_of(model_dir: str) -> dict[str, np.ndarray]:
-        reader = gguf.GGUFReader(export_gguf(tmp_path / model_dir, tmp_path / f"{model_dir}.gguf"))
+        reader = gguf.GGUFReader(write_gguf(tmp_path / model_dir, tmp_path / f"{model_dir}.gguf"))
         return {tensor.name: np.asarray(tensor.data) for tensor in reader.tensors}
 
     single, sharded = tensors_of("single"), tensors_of("sharded")
@@ -411,7 +413,7 @@ def test_llama3_rope_scaling_is_written_as_rope_freqs(tmp_path, small_vocab_toke
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     model = save_tiny_llama(tmp_path, small_vocab_tokenizer, vocab_size=len(small_vocab_tokenizer),
                             rope_parameters=rope, max_position_embeddings=131072)
-    reader = gguf.GGUFReader(export_gguf(tmp_path, tmp_path / "llama3.gguf"))
+    reader = gguf.GGUFReader(write_gguf(tmp_path, tmp_path / "llama3.gguf"))
 
     factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
     head_dim = model.config.head_dim
@@ -431,29 +433,38 @@ def test_unrecognised_byte_level_pre_tokenizer_raises_a_clear_error(tmp_path, sm
     )
     save_tiny_llama(tmp_path / "hf", small_vocab_tokenizer, vocab_size=len(small_vocab_tokenizer))
     with pytest.raises(ValueError, match="llama.cpp would not know its pre-tokenizer"):
-        export_gguf(tmp_path / "hf", tmp_path / "digits.gguf")
+        write_gguf(tmp_path / "hf", tmp_path / "digits.gguf")
     assert not list(tmp_path.glob("*.gguf*"))
 
 
 def test_unsupported_architecture_raises_a_clear_error(tmp_path):
-    mpt = MptForCausalLM(MptConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=64, max_seq_len=32))
-    mpt.save_pretrained(tmp_path)
-    expected = r"Cannot export MptForCausalLM to GGUF: only the LLaMA family \(LlamaForCausalLM\) is supported\.$"
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_head=2, n_layer=1, vocab_size=64, n_positions=32))
+    gpt2.save_pretrained(tmp_path)
+    expected = (r"Cannot export GPT2LMHeadModel to GGUF: supported are LlamaForCausalLM, MistralForCausalLM, "
+                r"Qwen2ForCausalLM, MptForCausalLM\.$")
     with pytest.raises(ValueError, match=expected):
-        export_gguf(tmp_path, tmp_path / "mpt.gguf")
+        write_gguf(tmp_path, tmp_path / "gpt2.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))
+
+
+def test_mpt_settings_llama_cpp_does_not_compute_are_refused(tmp_path):
+    config = MptConfig(d_model=32, n_heads=2, n_layers=1, vocab_size=64, max_seq_len=32, logit_scale=0.5)
+    MptForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="logit_scale 0.5 to GGUF"):
+        write_gguf(tmp_path, tmp_path / "mpt.gguf")
     assert not list(tmp_path.glob("*.gguf*"))
 
 
 def test_quantized_checkpoint_and_unknown_outtype_are_refused(tmp_path, tiny_model):
     model_dir, _ = tiny_model
     with pytest.raises(ValueError, match="outtype 'q4_k'"):
-        export_gguf(model_dir, tmp_path / "x.gguf", outtype="q4_k")
+        write_gguf(model_dir, tmp_path / "x.gguf", outtype="q4_k")
 
     config = json.loads((model_dir / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="bitsandbytes-quantized checkpoint"):
-        export_gguf(tmp_path, tmp_path / "x.gguf")
+        write_gguf(tmp_path, tmp_path / "x.gguf")
 
 
 def test_unsupported_tokenizer_kind_raises_a_clear_error(tmp_path):
@@ -462,7 +473,7 @@ def test_unsupported_tokenizer_kind_raises_a_clear_error(tmp_path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     save_tiny_llama(tmp_path, tokenizer, vocab_size=64)
     with pytest.raises(ValueError, match="supported are GPT-2 style byte-level BPE"):
-        export_gguf(tmp_path, tmp_path / "wordlevel.gguf")
+        write_gguf(tmp_path, tmp_path / "wordlevel.gguf")
     assert not list(tmp_path.glob("*.gguf*"))
 
 
@@ -487,7 +498,7 @@ def test_real_smollm2_exports_to_q8_0_and_predicts_the_same_next_tokens(tmp_path
     original = load_gguf_model(smollm2_dir() / SMOLLM2_GGUF)
     original.save_pretrained(tmp_path / "hf")
     smol_tokenizer.save_pretrained(tmp_path / "hf")
-    reread = load_gguf_model(export_gguf(tmp_path / "hf", tmp_path / "smollm2-q8_0.gguf", outtype="q8_0"))
+    reread = load_gguf_model(write_gguf(tmp_path / "hf", tmp_path / "smollm2-q8_0.gguf", outtype="q8_0"))
 
     chat = [
         {"role": "user", "content": "Give me three tips for staying focused while studying."},
@@ -511,3 +522,16 @@ def test_real_smollm2_exports_to_q8_0_and_predicts_the_same_next_tokens(tmp_path
     assert where_decisive >= 0.97
     assert overall >= 0.95
     shutil.rmtree(tmp_path)  # ~0.6 GB of float32 weights
+
+
+def test_without_llama_cpp_q8_0_is_written_in_python_and_k_quants_say_what_to_install(
+        tmp_path, small_vocab_tokenizer, monkeypatch):
+    from qlorakit.export import gguf as gguf_export
+
+    monkeypatch.setattr(gguf_export, "quantizer_available", lambda: False)
+    save_tiny_llama(tmp_path / "hf", small_vocab_tokenizer, vocab_size=len(small_vocab_tokenizer))
+    out_file = gguf_export.export_gguf(tmp_path / "hf", tmp_path / "q8.gguf", "Q8_0", converter="python")
+    assert field(gguf.GGUFReader(out_file), "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    with pytest.raises(ValueError, match=r"k-quants need llama.cpp's quantizer; pip install 'qlorakit\[llama\]'"):
+        gguf_export.export_gguf(tmp_path / "hf", tmp_path / "q4.gguf", "q4_k_m", converter="python")
+    assert not list(tmp_path.glob("q4*"))

@@ -116,7 +116,7 @@ def test_dropout_backward_matches_its_own_mask():
     base = torch.randn(2, 7, 5)
     p, s = 0.4, 2.0
     state = torch.get_rng_state()
-    out = _LoraDelta.apply(base, x, a, b, s / (1 - p), p, True)
+    out = _LoraDelta.apply(base.clone(), x, a, b, a.detach(), b.detach(), s / (1 - p), p, True, torch.float32)
     torch.set_rng_state(state)
     keep = keep_mask(torch.Size([14, 12]), p, torch.device("cpu")).view(2, 7, 12)
     x2, a2, b2 = (t.detach().clone().requires_grad_() for t in (x, a, b))

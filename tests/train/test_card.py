@@ -4,15 +4,19 @@ directory only where a reader needs the weights the adapter was trained against 
 from __future__ import annotations
 
 from qlorakit.config import TrainConfig
+from qlorakit.data.mixture import SourceSummary
+from qlorakit.resources import SAMPLE_DATASET
 from qlorakit.train.card import write_card
 
+SAMPLE = SourceSummary(str(SAMPLE_DATASET), "jsonl", "airoboros", "train", 200, 200, train_examples=200)
 
-def _card(tmp_path, base_path: str) -> str:
+
+def _card(tmp_path, base_path: str, sources=(SAMPLE,)) -> str:
     out = tmp_path / "run"
     out.mkdir()
     cfg = TrainConfig()
     write_card(cfg, out, base_path, [{"step": 1, "epoch": 1.0, "loss": 1.5}], None, "finished",
-               "USER: {instruction} ASSISTANT: {response}", cfg.dataset_path())
+               "USER: {instruction} ASSISTANT: {response}", list(sources))
     return (out / "README.md").read_text()
 
 

@@ -78,6 +78,108 @@ def test_resume_after_sigkill_is_exact(tiny_llama, tmp_path):
     assert [r["learning_rate"] for r in resumed] == pytest.approx([r["learning_rate"] for r in read_metrics(full)])
 
 
+def write_mixture(tmp_path: Path) -> str:
+    """An airoboros JSONL of 12 rows at weight 0.5 and an alpaca parquet of 4 rows at weight 1.5: 12 examples, as
+    the compact --dataset string."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = write_jsonl(tmp_path / "chat.jsonl", airoboros_rows(12))
+    table = tmp_path / "tasks.parquet"
+    pq.write_table(pa.Table.from_pylist([{"instruction": r["instruction"], "input": "", "output": r["response"]}
+                                         for r in airoboros_rows(4, seed=5)]), table)
+    return f"{jsonl}:0.5,{table}:1.5:format=alpaca"
+
+
+def test_resume_after_sigkill_from_a_mixture_is_exact(tiny_llama, tmp_path, caplog):
+    """The SIGKILL test above with a mixture of a JSONL and a parquet file: the checkpoint records the data's
+    fingerprint, the resume loads the examples from the cache, and adapter and losses equal a straight run's."""
+    import logging
+
+    common = ["--model_name_or_path", str(tiny_llama), "--dataset", write_mixture(tmp_path), *RESUME]
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
+    proc = start_train([*common, "--output_dir", str(killed)], log)
+    try:
+        wait_until(lambda: (killed / "checkpoint-4" / "trainer_state.json").exists(), proc, log)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    assert "mixture: " in log.read_text() and not (killed / "checkpoint-8").exists()
+    state = json.loads((killed / "checkpoint-4" / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (4, 0, 4)
+    assert state["data"]["train_examples"] == 12 and len(state["data"]["fingerprint"]) == 32
+
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        assert main(["train", *common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"]) == 0
+    assert caplog.text.count("data cache: ") == 2 and caplog.text.count(" loaded (tokenized ") == 2
+    assert "resumed from" in caplog.text and "no data fingerprint" not in caplog.text
+    full = tmp_path / "full"
+    assert main(["train", *common, "--output_dir", str(full)]) == 0
+
+    assert rel_diff(adapter(full, only_b=True), adapter(killed, only_b=True)) < 1e-3
+    assert rel_diff(adapter(full), adapter(killed)) < 1e-3
+    resumed = read_metrics(killed, "loss")
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in read_metrics(full)], rel=1e-5)
+
+
+def test_resume_with_other_data_is_refused_in_one_line(tiny_llama, tmp_path, capsys, caplog):
+    """A source edited after the checkpoint: refused, naming it, before the model loads. A checkpoint of an older
+    qlorakit (no data record) resumes without the check, and the log says so."""
+    import logging
+
+    spec = write_mixture(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "--model_name_or_path", str(tiny_llama), "--dataset", spec, "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "1",
+            "--learning_rate", "0.01", "--eval_strategy", "no"]
+    assert main([*args, "--max_steps", "1"]) == 0
+    jsonl = tmp_path / "chat.jsonl"
+    original = jsonl.read_text()
+    jsonl.write_text(original.replace("Repeat", "Say", 1))
+    capsys.readouterr()
+    assert main([*args, "--max_steps", "2", "--resume_from_checkpoint", "latest"]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert errors == [f"qlorakit train: error: cannot resume from {out / 'checkpoint-1'}: the training data differs "
+                      f"from the checkpoint's: {jsonl} changed since the checkpoint (its files' sha256 differ); "
+                      "resume with the checkpoint's data or start a new run"]
+
+    jsonl.write_text(original)
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["data"]  # as an older qlorakit wrote it
+    state_file.write_text(json.dumps(state))
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        assert main([*args, "--max_steps", "2", "--resume_from_checkpoint", "latest"]) == 0
+    assert f"{out / 'checkpoint-1'} records no data fingerprint (an older qlorakit wrote it)" in caplog.text
+    assert [r["step"] for r in read_metrics(out, "loss")] == [1, 2]
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["data"]["train_examples"] == 12
+
+
+@pytest.mark.parametrize("change,want", [
+    ({"selection": "weight 2"}, "a.jsonl: weight 0.5 -> weight 2"),
+    ({"examples": "otherkey"}, "a.jsonl gives other examples (the same rows tokenized differently: the tokenizer"),
+    ({"name": "c.jsonl"}, "sources a.jsonl (train), b.parquet (train) -> c.jsonl (train), b.parquet (train)"),
+])
+def test_a_data_change_is_named(tmp_path, change, want):
+    def record(**first):
+        sources = [{"name": "a.jsonl", "role": "train", "rows": 8, "selection": "weight 0.5", "content": "c1",
+                    "examples": "k1"}, {"name": "b.parquet", "role": "train", "rows": 4, "selection": "all rows",
+                                        "content": "c2", "examples": "k2"}]
+        sources[0].update(first)
+        return {"fingerprint": json.dumps(first), "train_examples": 8, "eval_examples": 0, "sources": sources}
+
+    c = tmp_path / "checkpoint-1"
+    c.mkdir()
+    (c / "trainer_state.json").write_text(ckpt.TrainState(step=1, data=record()).to_json())
+    assert ckpt.check_data(c, record()) is True
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.check_data(c, record(**change))
+    assert f"the training data differs from the checkpoint's: {want}" in str(e.value)
+
+
 class _FailingSave:
     """Raises ENOSPC while writing ``checkpoint-2`` (its optimizer state or its adapter), after a partial write."""
 

@@ -42,7 +42,7 @@ def test_samples_caps_take_the_first_examples(args, caplog):
     with caplog.at_level(logging.INFO, logger="qlorakit"):
         run = set_up([*args, "--eval_dataset_size", "6", "--max_train_samples", "5", "--max_eval_samples", "2"])
     whole = set_up([*args, "--eval_dataset_size", "6"])
-    assert run.train_ex == whole.train_ex[:5] and run.eval_ex == whole.eval_ex[:2]
+    assert list(run.train_ex) == list(whole.train_ex)[:5] and list(run.eval_ex) == list(whole.eval_ex)[:2]
     assert "train: the first 5 of 10 examples (max_train_samples)" in caplog.text
 
 

@@ -141,7 +141,7 @@ def read_jsonl(path: str | Path, dataset_format: str = "auto") -> list[Conversat
     if path.is_dir():
         raise DataError(f"{path}: is a directory; give a .jsonl file")
     rows = []
-    fmt = None if dataset_format == "auto" else dataset_format
+    fmt = None if dataset_format == "auto" else ALIASES.get(dataset_format, dataset_format)
     for lineno, row in _json_rows(path):
         where = f"{path}:{lineno}"
         if fmt is None:

@@ -168,8 +168,8 @@ def prepare_data(opts: DataOptions, tokenizer, *, mode: str = "build", wait_time
     pool_sizes = [len(u.pool) for u in uses[:n_train]]
     held = held_out(sum(pool_sizes), opts.eval_size, opts.seed) if not eval_src else np.zeros(sum(pool_sizes), bool)
     train_pos, eval_pos = assemble(rows[:n_train], uses[:n_train], held)
-    if eval_src:
-        eval_pos = [r[u.pool] for r, u in zip(rows[n_train:], uses[n_train:])]
+    if eval_src:  # the training sources hold nothing out; each eval source gives all its rows
+        eval_pos = eval_pos + [r[u.pool] for r, u in zip(rows[n_train:], uses[n_train:])]
     return _finish(store, everything, uses, train_pos, eval_pos, opts)
 
 
@@ -184,7 +184,7 @@ def _finish(store, everything: list[Loaded], uses, train_pos, eval_pos, opts: Da
     summaries = []
     for i, (x, use) in enumerate(zip(everything, uses)):
         mine = train_pos[i] if i < n_train else np.zeros(0, int)
-        theirs = eval_pos[i] if i < n_train else eval_pos[i - n_train]
+        theirs = eval_pos[i]
         both = np.concatenate([mine, theirs])
         summaries.append(SourceSummary(
             x.spec.describe(), x.meta["kind"], "+".join(sorted(set(x.meta["layouts"]))),

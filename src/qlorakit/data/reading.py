@@ -30,13 +30,6 @@ class Part:
     rows: object  # datasets.Dataset
 
 
-def _quiet_datasets() -> None:
-    import datasets
-
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-
-
 def data_files(spec: SourceSpec) -> list[Path]:
     """The files a local source reads, in a fixed order (a folder: its data files by relative path)."""
     kind = spec.kind()
@@ -74,7 +67,6 @@ def _sha256(path: Path) -> str:
 
 def open_parts(spec: SourceSpec, workdir: Path) -> list[Part]:
     """The source's raw rows, one part per file (or the hub split). Intermediate files go under ``workdir``."""
-    _quiet_datasets()
     kind = spec.kind()
     if kind != "hub" and kind != "arrow" and spec.split != "train":
         raise DataError(f"{spec.origin or spec.path}: split '{spec.split}' applies to hub ids and saved datasets; "
@@ -168,7 +160,6 @@ def _load_hub(spec: SourceSpec):
     """A hub dataset from the local Hugging Face cache (or the hub, where it can be reached)."""
     import datasets
 
-    _quiet_datasets()
     try:
         return datasets.load_dataset(spec.path, spec.subset, split=spec.split)
     except ConnectionError:

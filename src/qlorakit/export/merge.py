@@ -132,15 +132,20 @@ def merge_parser() -> Parser:
 
 def export_parser() -> Parser:
     p = Parser("qlorakit export", usage="qlorakit export RUN_DIR --output FILE_OR_DIR [--format gguf|safetensors] "
-               "[--outtype f16|bf16|q8_0] [--base dequantized|original]",
+               "[--outtype f16|bf16|f32|q8_0|q4_k_m|q5_k_m|q6_k] [--base dequantized|original] "
+               "[--converter auto|llama.cpp|python]",
                description="Hand a run over as one file for llama.cpp (GGUF), or as a merged safetensors directory "
                "(what\n'qlorakit merge' writes). The adapter is merged into its base first.")
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path, help=RUN_DIR_HELP)
     p.add_argument("--output", metavar="FILE_OR_DIR", required=True,
                    help="the .gguf file to write, or the directory for --format safetensors")
     p.add_argument("--format", choices=("gguf", "safetensors"), default="gguf", help="Default: gguf.")
-    p.add_argument("--outtype", default="f16", help="GGUF type of the weight matrices: f16, bf16 or q8_0 (norms and "
-                   "other 1-D tensors stay f32). Default: f16.")
+    p.add_argument("--outtype", default="f16", help="GGUF type of the weight matrices: f16, bf16, f32, q8_0, or the "
+                   "k-quants q4_k_m, q5_k_m, q6_k (these and q8_0 by llama.cpp's quantizer: pip install "
+                   "'qlorakit[llama]'; norms and other 1-D tensors stay f32). Default: f16.")
+    p.add_argument("--converter", choices=("auto", "llama.cpp", "python"), default="auto",
+                   help="Who writes the GGUF: llama.cpp's convert_hf_to_gguf.py (where installed; auto takes it for "
+                   "the architectures it knows) or qlorakit's own writer. Default: auto.")
     p.add_argument("--base", choices=MERGE_BASES, default="dequantized", help=BASE_HELP)
     return p
 
@@ -162,13 +167,16 @@ def export_main(argv: list[str]) -> int:
     if o.format == "safetensors":
         return merge(o.run_dir, Path(o.output), o.base, None)
     from .gguf import export_gguf
+    from .modelfile import write_modelfile
 
     model, tok, cfg = merged_model(o.run_dir, o.base, "fp32")
     with tempfile.TemporaryDirectory() as tmp:
         merged = save_merged(model, tok, cfg, Path(tmp) / "merged", o.run_dir, o.base)
         try:
-            out = export_gguf(merged, o.output, o.outtype, chat_template=tok.chat_template)
+            out = export_gguf(merged, o.output, o.outtype, chat_template=tok.chat_template, converter=o.converter)
+            modelfile = write_modelfile(o.run_dir, out)
         except ValueError as e:
             raise UserError(f"export: {e}") from None
-    print(f"qlorakit export: wrote {out} ({o.outtype})", file=sys.stderr)
+    print(f"qlorakit export: wrote {out} ({o.outtype}) and {modelfile} (ollama create NAME -f {modelfile})",
+          file=sys.stderr)
     return 0

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 import shlex
 from pathlib import Path
 
 import yaml
 
-from ..config import FIELDS, TrainConfig
+from ..config import FIELDS, TrainConfig, default_of
+from ..data.mixture import SourceSummary
+from ..resources import SAMPLE_DATASET
 
 DEFAULT_DATA_NOTE = ("the sample airoboros-style dataset shipped with qlorakit: rows written by a seeded template "
                      "generator (scripts/make_sample_data.py) about invented entities, released with qlorakit under "
@@ -22,14 +24,6 @@ LICENSE_NOTE = """Check two licences before publishing this model:
    tuned on it may be fine for research yet not for commercial use, whatever the base licence allows.
 
 Training data of this run: {data_note}"""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def base_license(base_path: str) -> str:
@@ -61,18 +55,60 @@ def reproduce_command(cfg: TrainConfig) -> str:
     parts = ["qlorakit", "train"]
     for name, f in FIELDS.items():
         value = getattr(cfg, name)
-        if name == "resume_from_checkpoint" or value == f.default:
+        if name == "resume_from_checkpoint" or value == default_of(f):
             continue
-        parts += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+        shown = json.dumps(value) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) \
+            else str(value)
+        parts += [f"--{name}", shown]
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def _data_note(cfg: TrainConfig, data_path: Path) -> str:
-    if cfg.dataset == "default":
+def is_sample(source: SourceSummary) -> bool:
+    return source.name == str(SAMPLE_DATASET)
+
+
+def dataset_name(source: SourceSummary) -> str:
+    """How the front matter and the overview name a source: the sample's name, a hub id, a file's or folder's stem."""
+    if is_sample(source):
+        return "qlorakit-sample-airoboros"
+    return source.name.split(" ")[0] if source.kind == "hub" else Path(source.name).stem
+
+
+def _source_note(s: SourceSummary) -> str:
+    if is_sample(s):
         return DEFAULT_DATA_NOTE
-    digest = _sha256(data_path) if data_path.is_file() else "unavailable"
-    return (f"`{data_path.name}` (sha256 `{digest[:16]}…`), supplied by the user who trained this model; "
-            "its origin and licence are theirs to state here.")
+    if s.kind == "hub":
+        return (f"the hub dataset `{s.name}`, whose licence and terms of use are on its dataset card; check them "
+                "before publishing.")
+    digests = sorted(s.sha256.values())
+    digest = f"sha256 `{digests[0][:16]}…`" if len(digests) == 1 else f"{len(digests)} files"
+    return (f"`{Path(s.name).name}` ({digest}), supplied by the user who trained this model; its origin and licence "
+            "are theirs to state here.")
+
+
+def _data_note(sources: list[SourceSummary]) -> str:
+    notes = [_source_note(s) for s in sources if s.role == "train"]
+    if len(notes) == 1:
+        return notes[0]
+    return f"{len(notes)} sources, each under its own terms: " + " ".join(f"({i}) {n}" for i, n in
+                                                                         enumerate(notes, 1))
+
+
+def data_section(sources: list[SourceSummary]) -> list[str]:
+    """Each source with the rows it has and the rows the run used, and the examples they gave."""
+    lines = ["| source | role | format | rows | rows used | train examples | eval examples |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| `{s.name}` | {s.role} | {s.format} | {s.rows} | {s.used} ({s.selection()}) | {s.train_examples} | "
+              f"{s.eval_examples} |" for s in sources]
+    cut = [f"`{s.name}`: {s.truncated} truncated, {s.dropped} dropped" for s in sources if s.truncated or s.dropped]
+    if cut:
+        lines += ["", "Examples over `model_max_len`: " + "; ".join(cut) + "."]
+    files = [(s.name, f, h) for s in sources for f, h in sorted(s.sha256.items())]
+    if files:
+        lines += ["", "sha256 of the files read:", ""] + [f"- `{f}`: `{h}`" for _, f, h in files[:20]]
+        if len(files) > 20:
+            lines.append(f"- and {len(files) - 20} more files")
+    return lines
 
 
 def hyperparameter_rows(cfg: TrainConfig) -> list[str]:
@@ -140,10 +176,11 @@ def loading_section(out: Path, base_path: str) -> list[str]:
 
 
 def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict], best_step: int | None,
-               stopped: str, prompt_example: str, data_path: Path) -> Path:
+               stopped: str, prompt_example: str, sources: list[SourceSummary]) -> Path:
+    """``sources``: the run's data sources (``PreparedData.sources``), training and eval, with the rows they gave."""
     lic = base_license(base_path)
-    dataset_name = "qlorakit-sample-airoboros" if cfg.dataset == "default" else Path(cfg.dataset).stem
-    front = {"license": lic, "base_model": public_base_name(base_path), "datasets": [dataset_name],
+    names = list(dict.fromkeys(dataset_name(s) for s in sources if s.role == "train"))
+    front = {"license": lic, "base_model": public_base_name(base_path), "datasets": names,
              "library_name": "peft", "pipeline_tag": "text-generation",
              "tags": ["qlora", "lora", "peft", "qlorakit", f"{cfg.bits}bit", cfg.prompt_format]}
     name = out.resolve().name
@@ -154,20 +191,21 @@ def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict],
         "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
         f"# {name}", "",
         "## Overview", "",
-        f"A LoRA adapter for `{base_name}`, fine-tuned with qlorakit on `{dataset_name}` ({kind}, "
+        f"A LoRA adapter for `{base_name}`, fine-tuned with qlorakit on {', '.join(f'`{n}`' for n in names)} ({kind}, "
         f"LoRA r={cfg.lora_r} on `{cfg.lora_modules}` linear layers). Loss was computed on the responses only"
         f"{'' if not cfg.train_on_source else ' and the prompts'}, normalized by trained tokens across "
         "accumulated micro-batches, so gradient accumulation is exactly a larger batch.", "",
         "## Prompt format", "",
         f"`{cfg.prompt_format}`. An example, exactly as the model saw it:", "",
         "```", prompt_example, "```", "",
+        "## Training data", "", *data_section(sources), "",
         "## Training hyperparameters", "",
         "| setting | value |", "|---|---|", *hyperparameter_rows(cfg), "",
         "Reproduce:", "", "```bash", reproduce_command(cfg), "```", "",
         "## Results", "", *results_section(metrics, best_step, stopped), "",
         "## How to use", "", *loading_section(out, base_path), "",
         "## Licence and usage", "",
-        LICENSE_NOTE.format(base=base_name, base_license=lic, data_note=_data_note(cfg, data_path)), "",
+        LICENSE_NOTE.format(base=base_name, base_license=lic, data_note=_data_note(sources)), "",
     ]
     loss_png = out / "loss.png"
     if loss_png.exists():

@@ -7,6 +7,7 @@ under a checkpoint name. Weights are safetensors; other state is loaded with ``t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,8 +26,8 @@ PREFIX = "checkpoint-"
 # Changing any of these changes which examples a step sees or how an update is computed, so a run resumed with
 # a different value would not be the run that was checkpointed. num_train_epochs and max_steps may change: they
 # set where the run ends, which may not be before the checkpoint (check_total_steps).
-RESUME_KEYS = ("model_name_or_path", "dataset", "dataset_format", "prompt_format", "model_max_len", "truncation",
-               "train_on_source", "group_by_length", "eval_dataset_size", "eval_dataset",
+RESUME_KEYS = ("model_name_or_path", "dataset", "datasets", "dataset_format", "prompt_format", "model_max_len",
+               "truncation", "train_on_source", "group_by_length", "eval_dataset_size", "eval_dataset", "eval_datasets",
                "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "seed", "lora_r",
                "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant",
@@ -53,6 +54,7 @@ class TrainState:
     best_step: int | None = None
     evals_without_improvement: int = 0
     eval_history: list = field(default_factory=list)
+    data: dict | None = None  # the data's fingerprint and sources (data_record); None in older checkpoints
 
     def advance(self, steps_in_epoch: int) -> None:
         """Count one optimizer step taken; the last of an epoch's ``steps_in_epoch`` steps starts the next epoch."""
@@ -220,6 +222,59 @@ def check_resumable(ckpt: Path, cfg: TrainConfig) -> None:
         detail = ", ".join(f"{k} ({getattr(old, k)!r} -> {getattr(cfg, k)!r})" for k in changed)
         raise CheckpointError(f"cannot resume from {ckpt}: changed {detail}; use the checkpoint's values or "
                               "start a new run")
+
+
+def data_record(data) -> dict:
+    """What a checkpoint keeps of its run's data (a ``PreparedData``): the fingerprint a resume must match, and per
+    source what a refusal names."""
+    def content(sha256: dict) -> str | None:
+        return hashlib.sha256(json.dumps(sorted(sha256.items())).encode()).hexdigest()[:16] if sha256 else None
+
+    return {"fingerprint": data.fingerprint, "train_examples": len(data.train), "eval_examples": len(data.eval),
+            "sources": [{"name": s.name, "role": s.role, "rows": s.rows, "selection": s.selection(),
+                         "content": content(s.sha256), "examples": Path(s.cache_dir).name} for s in data.sources]}
+
+
+def _data_change(old: dict, new: dict) -> str:
+    """What differs between two data records, in words."""
+    def names(record: dict) -> list[str]:
+        return [f"{s['name']} ({s['role']})" for s in record["sources"]]
+
+    if names(old) != names(new):
+        return f"sources {', '.join(names(old))} -> {', '.join(names(new))}"
+    for a, b in zip(old["sources"], new["sources"]):
+        if a["content"] != b["content"]:
+            rows = f", {a['rows']} -> {b['rows']} rows" if a["rows"] != b["rows"] else ""
+            return f"{a['name']} changed since the checkpoint (its files' sha256 differ{rows})"
+        if a["selection"] != b["selection"]:
+            return f"{a['name']}: {a['selection']} -> {b['selection']}"
+        if a["examples"] != b["examples"]:
+            return (f"{a['name']} gives other examples (the same rows tokenized differently: the tokenizer or "
+                    "qlorakit's data code changed)")
+    counts = [(k, old[k], new[k]) for k in ("train_examples", "eval_examples") if old[k] != new[k]]
+    if counts:
+        return ", ".join(f"{k.replace('_', ' ')} {a} -> {b}" for k, a, b in counts)
+    return f"fingerprint {old['fingerprint']} -> {new['fingerprint']}"
+
+
+def check_data(ckpt: Path, record: dict) -> bool:
+    """Refuse, in one line naming what changed, a resume whose data differs from the checkpoint's (other examples,
+    or another order). False when the checkpoint records no data (older qlorakit): nothing was checked."""
+    try:
+        old = json.loads((ckpt / "trainer_state.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {str(e)[:120]}); resume from an "
+                              "earlier checkpoint") from None
+    if old is None:
+        return False
+    if old.get("fingerprint") != record["fingerprint"]:
+        try:
+            change = _data_change(old, record)
+        except (KeyError, TypeError):
+            change = f"fingerprint {old.get('fingerprint')} -> {record['fingerprint']}"
+        raise CheckpointError(f"cannot resume from {ckpt}: the training data differs from the checkpoint's: {change}; "
+                              "resume with the checkpoint's data or start a new run")
+    return True
 
 
 def check_total_steps(ckpt: Path, cfg: TrainConfig, total_steps: int) -> None:

@@ -48,7 +48,8 @@ def finish(run: Run, outcome: FitOutcome) -> RunResult:
         return result
     adapter = gather_adapter(run.model) if is_fsdp(run.model) else None  # gathered by every rank
     if info.is_main:
-        write_run_dir(run.cfg, run.model, run.tokenizer, out, state, outcome.stopped, adapter_state=adapter)
+        write_run_dir(run.cfg, run.model, run.tokenizer, out, state, outcome.stopped, adapter_state=adapter,
+                      sources=run.sources)
         run.trackers.finish(out / "README.md")
     processes.barrier(info)
     processes.shutdown(info)
@@ -86,8 +87,9 @@ def plot_loss(metrics: list[dict], path: Path) -> bool:
 
 
 def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.TrainState, stopped: str,
-                  adapter_state: dict | None = None) -> None:
-    """``adapter_state``: the adapter gathered from the ranks where the model is sharded (FSDP); else None."""
+                  adapter_state: dict | None = None, sources: list | None = None) -> None:
+    """``adapter_state``: the adapter gathered from the ranks where the model is sharded (FSDP); else None.
+    ``sources``: the data's sources with the rows each gave (``PreparedData.sources``), for the model card."""
     peft_model = unwrap(model)
     if cfg.load_best_model_at_end and state.best_step is not None and state.best_step != state.step:  # else: in memory
         best = cfg.checkpoint_dir() / f"{ckpt.PREFIX}{state.best_step}"
@@ -114,7 +116,7 @@ def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.Tra
     metrics = Metrics(out / "metrics.jsonl", resume_step=state.step).rows()
     plot_loss(metrics, out / "loss.png")
     base_path = peft_model.peft_config["default"].base_model_name_or_path
-    write_card(cfg, out, base_path, metrics, state.best_step, stopped, fmt["example"], cfg.dataset_path())
+    write_card(cfg, out, base_path, metrics, state.best_step, stopped, fmt["example"], sources or [])
     log.info("run directory: %s (adapter, tokenizer, qlorakit_config.yaml, metrics.jsonl, README.md)", out)
     if state.best_step is not None:
         best_epoch = next(m["epoch"] for m in state.eval_history if m["step"] == state.best_step)

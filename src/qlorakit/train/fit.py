@@ -8,6 +8,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+from ..model.cuda import peak_memory, reset_peak_memory
 from . import checkpoint as ckpt
 from . import processes
 from .distributed import adapter_state, optimizer_state, unwrap
@@ -74,6 +75,7 @@ def fit(run: Run) -> FitOutcome:
     """Train from ``run.state`` to ``run.total_steps``, or until early stopping or a signal; then evaluate the last
     step unless it was just evaluated (or the run was interrupted)."""
     state, outcome, meter = run.state, FitOutcome(), Throughput()
+    reset_peak_memory(run.device)  # the CUDA peak of training, not of loading
     run.model.train()
     with StopRequest() as stop:
         while state.step < run.total_steps and outcome.stopped == "finished":
@@ -104,7 +106,7 @@ def log_step(run: Run, result: StepResult, meter: Throughput) -> None:
     epoch, tok_s = round(step / run.steps_per_epoch, 4), meter.take()
     run.metrics.write({"step": step, "epoch": epoch, "loss": result.loss, "learning_rate": result.learning_rate,
                        "grad_norm": result.grad_norm, "tokens_per_second": tok_s,
-                       "trained_tokens": result.trained_tokens})
+                       "trained_tokens": result.trained_tokens} | peak_memory(run.device))
     run.bar.update(step, epoch, result.loss, result.learning_rate, tok_s)
 
 

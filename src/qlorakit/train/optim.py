@@ -12,7 +12,10 @@ def build_optimizer(name: str, params, lr: float, weight_decay: float, betas: tu
     """``betas`` and ``eps``: the Adam variants' (adam_beta1, adam_beta2, adam_epsilon); SGD has none."""
     params = list(params)
     if name == "adamw_torch":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        from ..model.cuda import adamw_options
+
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+                                 **adamw_options(params))
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     import bitsandbytes as bnb

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import TrainConfig
-from ..data.batching import epoch_order, plan_steps
+from ..data.batching import epoch_order, pack_by_token_budget, plan_steps
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,20 @@ def steps_per_epoch(n_examples: int, micro: int, accum: int, world_size: int = 1
     return math.ceil(n_examples / (micro * accum * world_size))
 
 
-def total_steps(cfg: TrainConfig, n_examples: int, world_size: int = 1) -> int:
-    """Optimizer steps of the whole run: ``max_steps`` when set, else ``num_train_epochs`` epochs."""
+def total_steps(cfg: TrainConfig, n_examples: int, world_size: int = 1, lengths=None) -> int:
+    """Optimizer steps of the whole run: ``max_steps`` when set, else ``num_train_epochs`` epochs. Under a token
+    budget (``lengths`` given) an epoch's step count follows its packing, so each epoch is counted."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    if cfg.max_tokens_per_batch and lengths is not None:
+        whole, part = int(cfg.num_train_epochs), cfg.num_train_epochs % 1
+        counts = [len(budget_steps(lengths, e, seed=cfg.seed, budget=cfg.max_tokens_per_batch,
+                                   accum=cfg.gradient_accumulation_steps, world_size=world_size))
+                  for e in range(whole + (part > 0))]
+        return sum(counts[:whole]) + (math.ceil(part * counts[-1]) if part > 0 else 0)
     per_epoch = steps_per_epoch(n_examples, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                                 world_size)
-    return cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    return math.ceil(cfg.num_train_epochs * per_epoch)
 
 
 def epoch_steps(n_examples: int, epoch: int, *, seed: int, micro: int, accum: int, world_size: int = 1,
@@ -39,6 +48,24 @@ def epoch_steps(n_examples: int, epoch: int, *, seed: int, micro: int, accum: in
     order = epoch_order(n_examples, seed, epoch, lengths, micro if lengths else None)
     return [ScheduledStep(step, shard_step(step, rank, world_size, micro, accum))
             for (step,) in plan_steps(order, micro * accum * world_size, 1)]
+
+
+def budget_steps(lengths, epoch: int, *, seed: int, budget: int, accum: int, world_size: int = 1,
+                 rank: int = 0) -> list[ScheduledStep]:
+    """The optimizer steps of ``epoch`` under a token budget: the seeded epoch order packed into micro-batches of at
+    most ``budget`` tokens (``pack_by_token_budget``), ``accum * world_size`` of them per step, rank ``rank``
+    taking its ``accum`` consecutive ones. As with ``epoch_steps``, a short last step leaves later ranks empty
+    micro-batches to run as zero-weighted fillers."""
+    lengths = [int(n) for n in lengths]
+    bins = pack_by_token_budget(epoch_order(len(lengths), seed, epoch), lengths, budget, seed=seed,
+                                epoch=epoch).bins
+    per_step = accum * world_size
+    steps = []
+    for s in range(0, len(bins), per_step):
+        chunk = bins[s:s + per_step]
+        mine = shard_step(list(range(len(chunk))), rank, world_size, 1, accum)
+        steps.append(ScheduledStep([i for b in chunk for i in b], [[i for k in ids for i in chunk[k]] for ids in mine]))
+    return steps
 
 
 def shard_step(step: list[int], rank: int, world_size: int, micro: int, accum: int) -> list[list[int]]:

@@ -1,8 +1,10 @@
-"""Setup: config -> rows -> examples -> model -> optimizer, schedule and resumed state, held in one ``Run``.
+"""Setup: config -> tokenizer -> examples (the tokenized cache) -> model -> optimizer, schedule and resumed state,
+held in one ``Run``.
 
-Everything is checked and reported before the first step: the data split, the length policy, the trainable
+Everything is checked and reported before the first step: the data sources, split and length policy, the trainable
 parameters, the step arithmetic. A resume with changed settings is refused before any time goes into loading the
-model; one that would end before its checkpoint, as soon as the examples are counted.
+model; one with other data (its fingerprint) or that would end before its checkpoint, as soon as the examples are
+counted, still before the model loads.
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .. import devices
 from ..config import TrainConfig, save_config
-from ..data.formats import Conversation, read_jsonl
-from ..data.tokenize import Example, tokenize_all
+from ..data.examples import ExampleSequence
+from ..data.mixture import SourceSummary
+from ..data.prepare import DataOptions, PreparedData, prepare_data
 from ..errors import UserError
-from ..model.attention import use_packed_attention
+from ..model.attention import packed_attention_backend, use_packed_attention
+from ..model.cuda import check_fsdp_weights
+from ..model.fused_lora import cache_lora_casts
+from ..model.loss import supports_chunked_loss
 from ..model.load import (apply_cache_dequantized, enable_gradient_checkpointing, load_base_for_run, load_tokenizer,
                           resolve_model_path)
 from ..model.lora import add_lora, target_modules, trainable_report
@@ -58,8 +65,8 @@ class Run:
     out: Path
     model: Any  # the peft model; under torchrun wrapped by DDP or sharded by FSDP2 (distributed.unwrap)
     tokenizer: Any
-    train_ex: list[Example]
-    eval_ex: list[Example]
+    train_ex: ExampleSequence  # memory-mapped examples: train_ex[i] is an Example, train_ex.lengths every length
+    eval_ex: ExampleSequence
     packing: bool
     use_bf16: bool
     params: list[torch.nn.Parameter]  # the trainable ones, in the optimizer's order
@@ -71,6 +78,8 @@ class Run:
     metrics: Metrics
     bar: Progress
     hooks: Hooks = field(default_factory=Hooks)
+    chunked_loss: bool = False  # the loss by model/loss.py's chunked head (cfg.chunked_loss, decided in setup)
+    sources: list[SourceSummary] = field(default_factory=list)  # each data source with the rows it gave (the card)
     mmlu: MMLU | None = None  # do_mmlu_eval's questions, scored at each evaluation
     trackers: Trackers = field(default_factory=Trackers)  # report_to's (rank 0)
 
@@ -85,72 +94,77 @@ class Run:
 
     def epoch_steps(self, epoch: int) -> list[schedule.ScheduledStep]:
         cfg = self.cfg
+        if cfg.max_tokens_per_batch:
+            return schedule.budget_steps(self.train_ex.lengths.tolist(), epoch, seed=cfg.data_order_seed(),
+                                         budget=cfg.max_tokens_per_batch, accum=cfg.gradient_accumulation_steps,
+                                         world_size=self.info.world_size, rank=self.info.rank)
         return schedule.epoch_steps(len(self.train_ex), epoch, seed=cfg.data_order_seed(),
                                     micro=cfg.per_device_train_batch_size,
                                     accum=cfg.gradient_accumulation_steps, world_size=self.info.world_size,
                                     rank=self.info.rank,
-                                    lengths=[len(e) for e in self.train_ex] if cfg.group_by_length else None)
+                                    lengths=self.train_ex.lengths.tolist() if cfg.group_by_length else None)
 
 
-def split_eval(convs: list[Conversation], size: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
-    """A seeded held-out split: ``size`` rows if >= 1, else that fraction of the rows. Order is kept."""
-    n_eval = int(size) if size >= 1 else int(round(len(convs) * size))
-    if n_eval == 0:
-        return convs, []
-    if n_eval >= len(convs):
-        raise UserError(f"eval_dataset_size: {size} leaves no training rows out of {len(convs)}")
-    g = torch.Generator().manual_seed(seed)
-    held = set(torch.randperm(len(convs), generator=g)[:n_eval].tolist())
-    return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
+def load_data(opts: DataOptions, tokenizer, info: processes.DistInfo) -> PreparedData:
+    """The run's examples from the tokenized cache. Rank 0 (or a single process) builds what the cache lacks, and
+    reports a bad row (torchrun then stops the other ranks); the other ranks wait for it, then load."""
+    data = prepare_data(opts, tokenizer, mode="build") if info.is_main else None
+    processes.barrier(info)
+    if data is None:
+        data = prepare_data(opts, tokenizer, mode="wait")
+    if info.is_main:
+        for line in data.lines:
+            log.info(line)
+    return data
 
 
-def read_data(cfg: TrainConfig) -> tuple[list[Conversation], list[Conversation], list[str]]:
-    """Training and eval conversations, validated before any model is loaded, and lines that report the split."""
-    path = cfg.dataset_path()
-    convs = read_jsonl(path, cfg.dataset_format)
-    if cfg.eval_dataset:
-        train_convs, eval_convs = convs, read_jsonl(cfg.eval_dataset, cfg.dataset_format)
-        split_line = f"eval: {len(eval_convs)} rows from {cfg.eval_dataset}"
-    else:
-        train_convs, eval_convs = split_eval(convs, cfg.eval_dataset_size, cfg.data_order_seed())
-        split_line = (f"eval: {len(eval_convs)} of {len(convs)} rows held out (seed {cfg.data_order_seed()})"
-                      if eval_convs else "eval: none (set eval_dataset_size or eval_dataset)")
-    return train_convs, eval_convs, [f"data: {len(convs)} rows from {path}", split_line]
-
-
-def tokenize_data(cfg: TrainConfig, tokenizer, train_convs, eval_convs) -> tuple[list[Example], list[Example],
-                                                                                  list[str]]:
-    """Examples with the length policy applied, and report lines that account for every row."""
-    kw = dict(truncation=cfg.truncation, train_on_source=cfg.train_on_source, source_max_len=cfg.source_max_len,
-              target_max_len=cfg.target_max_len)
-    train_ex, rep = tokenize_all(train_convs, tokenizer, cfg.prompt_format, cfg.model_max_len, **kw)
-    lines = [f"train: {x}" for x in rep.lines()]
-    eval_ex: list[Example] = []
-    if eval_convs:
-        eval_ex, erep = tokenize_all(eval_convs, tokenizer, cfg.prompt_format, cfg.model_max_len, **kw)
-        lines += [f"eval: {x}" for x in erep.lines()]
-    if not train_ex:
-        raise UserError("no training example left after applying model_max_len; raise model_max_len or "
-                        "check the data with 'qlorakit data check'")
-    return train_ex, eval_ex, lines
-
-
-def first_examples(cfg: TrainConfig, train_ex, eval_ex, lines: list[str]):
-    """qlora's max_train_samples and max_eval_samples: the first N examples of each split (0: all of them), and the
-    report lines with a line for each cut."""
-    lines = list(lines)
-    for key, n, name in (("max_train_samples", cfg.max_train_samples, "train"),
-                         ("max_eval_samples", cfg.max_eval_samples, "eval")):
-        examples = train_ex if name == "train" else eval_ex
+def first_examples(cfg: TrainConfig, train_ex: ExampleSequence, eval_ex: ExampleSequence,
+                   info: processes.DistInfo) -> tuple[ExampleSequence, ExampleSequence]:
+    """qlora's max_train_samples and max_eval_samples: the first N examples of each split (0: all of them), each
+    cut said in a line."""
+    cut = []
+    for key, n, examples in (("max_train_samples", cfg.max_train_samples, train_ex),
+                             ("max_eval_samples", cfg.max_eval_samples, eval_ex)):
         if n and len(examples) > n:
-            lines.append(f"{name}: the first {n} of {len(examples)} examples ({key})")
-            train_ex, eval_ex = (train_ex[:n], eval_ex) if name == "train" else (train_ex, eval_ex[:n])
-    return train_ex, eval_ex, lines
+            if info.is_main:
+                log.info("%s: the first %d of %d examples (%s)", key.split("_")[1], n, len(examples), key)
+            examples = ExampleSequence(examples.store, examples.positions[:n])
+        cut.append(examples)
+    return cut[0], cut[1]
 
 
-def build_model(cfg: TrainConfig, device: torch.device):
-    path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+def check_data_sources(opts: DataOptions) -> None:
+    """A source that does not exist, or of an unknown file type, is reported before the tokenizer loads."""
+    for spec in (*opts.sources, *opts.eval_sources):
+        spec.kind()
+
+
+def budget_lengths(cfg: TrainConfig, examples: ExampleSequence) -> list[int] | None:
+    """Every example's length where a token budget packs the steps (their count then follows the packing)."""
+    return examples.lengths.tolist() if cfg.max_tokens_per_batch else None
+
+
+def tokenizer_and_data(cfg: TrainConfig, info: processes.DistInfo, resume_path: Path | None
+                       ) -> tuple[Any, str, PreparedData]:
+    """The tokenizer (of the resolved base path, also returned) and the run's examples, checked against the
+    checkpoint a resume continues from: all before the model loads, so a bad source or row, changed data or a run
+    that would end before its checkpoint cost no model loading."""
+    opts = DataOptions.from_config(cfg)  # a malformed dataset spec, in one line
+    check_data_sources(opts)
+    base_path = resolve_model_path(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(base_path, cfg.trust_remote_code)
+    data = load_data(opts, tokenizer, info)
+    data.train, data.eval = first_examples(cfg, data.train, data.eval, info)
+    if resume_path is not None:
+        if not ckpt.check_data(resume_path, ckpt.data_record(data)) and info.is_main:
+            log.info("%s records no data fingerprint (an older qlorakit wrote it): the data is not checked against "
+                     "the checkpoint's", resume_path)
+        ckpt.check_total_steps(resume_path, cfg, schedule.total_steps(cfg, len(data.train), info.world_size,
+                                                                      budget_lengths(cfg, data.train)))
+    return tokenizer, base_path, data
+
+
+def build_model(cfg: TrainConfig, path: str, device: torch.device):
     model = load_base_for_run(path, cfg, device)
     dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
     # Under FSDP the 4-bit weights are what gets sharded; "auto" keeps them packed there.
@@ -159,19 +173,20 @@ def build_model(cfg: TrainConfig, device: torch.device):
     modules = target_modules(model, cfg.lora_modules)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, modules=modules,
                      seed=cfg.seed)
-    return model, tokenizer, path, modules
+    return model, modules
 
 
-def decide_checkpointing(cfg: TrainConfig, model, examples: list[Example], packing: bool, device: torch.device,
+def decide_checkpointing(cfg: TrainConfig, model, lengths: np.ndarray, packing: bool, device: torch.device,
                          free_memory: Callable[[torch.device], int | None] = devices.free_memory) -> tuple[bool, str]:
     """Whether to recompute activations in backward, and why. ``auto``: only when the activations the largest
-    possible micro-batch saves without it (qlorakit.plan's estimate) exceed half the device's free memory."""
+    possible micro-batch saves without it (qlorakit.plan's estimate) exceed half the device's free memory.
+    ``lengths``: every training example's length (``ExampleSequence.lengths``, read without the tokens)."""
     if cfg.gradient_checkpointing != "auto":
         return cfg.gradient_checkpointing == "true", "asked for"
     from ..model import memory
 
     micro = cfg.per_device_train_batch_size
-    longest = sorted((len(e) for e in examples), reverse=True)[:micro]
+    longest = sorted(lengths.tolist(), reverse=True)[:micro]
     tokens = sum(longest) if packing else micro * longest[0]
     try:
         arch = memory.architecture(model.get_base_model().config.to_dict())
@@ -187,11 +202,21 @@ def decide_checkpointing(cfg: TrainConfig, model, examples: list[Example], packi
                 f"without it, {free / 2**30:.1f} GiB free")
 
 
+def use_chunked_loss(cfg: TrainConfig, model, device: torch.device) -> bool:
+    """``chunked_loss``: true or false as asked (true refused where the head is not plain); auto = on CUDA, where
+    full-vocabulary float32 logits are what fills the memory, for models whose head it can take."""
+    if cfg.chunked_loss == "false":
+        return False
+    supported = supports_chunked_loss(model)
+    if cfg.chunked_loss == "true" and not supported:
+        raise UserError(f"chunked_loss: {type(model.get_base_model()).__name__} has no plain output head to chunk "
+                        "(supported: LLaMA, Mistral, Qwen2 and Phi-3 families); set chunked_loss false or auto")
+    return supported and (cfg.chunked_loss == "true" or device.type == "cuda")
+
+
 def log_summary(cfg: TrainConfig, info: processes.DistInfo, model, base_path: str, modules: list[str],
-                data_lines: list[str], n_examples: int, total_steps: int, packing: bool) -> None:
-    """The run's derived numbers, printed once before the first step."""
-    for line in data_lines:
-        log.info(line)
+                n_examples: int, total_steps: int, packing: bool) -> None:
+    """The run's derived numbers, printed once before the first step (the data's lines are printed as it loads)."""
     log.info("model: %s (%s, %d-bit%s), LoRA r=%d alpha=%g on %s", base_path, type(model.get_base_model()).__name__,
              cfg.bits, f" {cfg.quant_type}{' double-quant' if cfg.double_quant else ''}" if cfg.bits == 4 else "",
              cfg.lora_r, cfg.lora_alpha, ", ".join(modules))
@@ -274,38 +299,46 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     if cfg.resume_from_checkpoint:  # refused before any time goes into loading the model
         resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.checkpoint_dir())
         ckpt.check_resumable(resume_path, cfg)
+    check_fsdp_weights(device, cfg.fsdp, cfg.bits, dense_base=cfg.cache_dequantized == "true")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    train_convs, eval_convs, data_lines = read_data(cfg)
-    model, tokenizer, base_path, modules = build_model(cfg, device)
-    train_ex, eval_ex, token_lines = tokenize_data(cfg, tokenizer, train_convs, eval_convs)
-    train_ex, eval_ex, token_lines = first_examples(cfg, train_ex, eval_ex, token_lines)
+    tokenizer, base_path, data = tokenizer_and_data(cfg, info, resume_path)
+    train_ex, eval_ex = data.train, data.eval
+    model, modules = build_model(cfg, base_path, device)
     mmlu = load_mmlu(cfg, tokenizer)
     packing = cfg.packing and supports_packing(model)
+    if cfg.max_tokens_per_batch and not packing:
+        raise UserError(f"max_tokens_per_batch: {type(model.get_base_model()).__name__} takes no position ids, so it "
+                        "trains on padded batches; set max_tokens_per_batch 0 and use per_device_train_batch_size")
     if packing and use_packed_attention(model.get_base_model()) and info.is_main:
-        log.info("attention: causal SDPA within each packed example (no work across examples)")
-    checkpointing, why = decide_checkpointing(cfg, model, train_ex, packing, device, hooks.free_memory)
+        log.info("attention: %s within each packed example (no work across examples)",
+                 packed_attention_backend(device, torch.bfloat16 if cfg.use_bf16() else torch.float32))
+    chunked = use_chunked_loss(cfg, model, device)
+    if chunked and info.is_main:
+        log.info("loss: by the chunked head, a chunk of trained positions at a time (no full-vocabulary logits)")
+    checkpointing, why = decide_checkpointing(cfg, model, train_ex.lengths, packing, device, hooks.free_memory)
     if checkpointing:
         enable_gradient_checkpointing(model.get_base_model())
     if info.is_main:
         log.info("gradient checkpointing: %s (%s)", "on" if checkpointing else "off", why)
 
-    total = schedule.total_steps(cfg, len(train_ex), info.world_size)
-    if resume_path is not None:
-        ckpt.check_total_steps(resume_path, cfg, total)
+    lengths = budget_lengths(cfg, train_ex)
+    total = schedule.total_steps(cfg, len(train_ex), info.world_size, lengths)
     if info.is_main:
-        log_summary(cfg, info, model, base_path, modules, data_lines + token_lines, len(train_ex), total, packing)
+        log_summary(cfg, info, model, base_path, modules, len(train_ex), total, packing)
     model = wrap_model(model, cfg, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     scheduler = build_scheduler(optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type)
+    cache_lora_casts(unwrap(model), optimizer)  # bf16 copies of the adapters made once per optimizer step
     state = ckpt.TrainState(total_steps=total, world_size=info.world_size)
     if resume_path is not None:
         state = resume(resume_path, model, optimizer, scheduler, info)
         if state.total_steps != total:
             scheduler = reschedule(cfg, optimizer, state, total, info)
+    state.data = ckpt.data_record(data)  # what a resume from this run's checkpoints must match
     if info.is_main:
         save_config(cfg, out / "qlorakit_config.yaml")
     trackers = start_trackers(cfg, out, info.is_main)  # last: nothing after it can fail and leave them open
@@ -313,9 +346,12 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
                       also=trackers.log)
     bar = Progress(total, state.step, cfg.logging_steps if cfg.logging_strategy == "steps" else 1,
                    enabled=progress and info.is_main)
-    per_epoch = schedule.steps_per_epoch(len(train_ex), cfg.per_device_train_batch_size,
-                                         cfg.gradient_accumulation_steps, info.world_size)
+    per_epoch = (len(schedule.budget_steps(lengths, 0, seed=cfg.data_order_seed(), budget=cfg.max_tokens_per_batch,
+                                           accum=cfg.gradient_accumulation_steps, world_size=info.world_size))
+                 if lengths else schedule.steps_per_epoch(len(train_ex), cfg.per_device_train_batch_size,
+                                                          cfg.gradient_accumulation_steps, info.world_size))
     return Run(cfg=cfg, info=info, device=device, out=out, model=model, tokenizer=tokenizer, train_ex=train_ex,
                eval_ex=eval_ex, packing=packing, use_bf16=cfg.use_bf16(), params=params, optimizer=optimizer,
                scheduler=scheduler, state=state, total_steps=total, steps_per_epoch=per_epoch, metrics=metrics,
-               bar=bar, hooks=hooks, mmlu=mmlu, trackers=trackers)
+               bar=bar, hooks=hooks, chunked_loss=chunked, sources=data.sources, mmlu=mmlu,
+               trackers=trackers)

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..data.batching import collate
+from ..data.batching import collate, collate_varlen, to_device
 from ..data.tokenize import IGNORE
 from ..errors import UserError
+from ..model.loss import loss_sum_chunked
 from . import checkpoint as ckpt
 from . import processes
 from .distributed import unwrap
@@ -62,15 +63,19 @@ def supports_packing(model) -> bool:
     return accepts(model, "position_ids")
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int]:
+def loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device,
+             chunked: bool = False) -> tuple[torch.Tensor, int]:
     """Summed cross entropy over the trained positions of ``batch``, and their count.
 
     Logits are computed only where a target is trained (``logits_to_keep`` as a boolean mask), which skips the
-    vocabulary projection for prompt and padding positions.
+    vocabulary projection for prompt and padding positions. ``chunked``: the head and the loss run a chunk of
+    trained positions at a time (model/loss.py), so full-vocabulary float32 logits never exist.
     """
+    inputs = to_device({k: v for k, v in batch.items() if k != "targets"}, device)
+    if chunked:
+        return loss_sum_chunked(model, inputs, batch["targets"], device, ignore_index=IGNORE)
     targets = batch["targets"].to(device)
     keep = targets != IGNORE  # (B, T)
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "targets"}
     if accepts(model, "logits_to_keep"):
         logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, V)
         picked = targets[keep]
@@ -85,7 +90,8 @@ def count_trained(batches: list[dict[str, torch.Tensor]]) -> int:
 
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.device, use_bf16: bool,
-               n_tokens: int, grad_scale: float = 1.0, weights: list[float] | None = None) -> float:
+               n_tokens: int, grad_scale: float = 1.0, weights: list[float] | None = None,
+               chunked: bool = False) -> float:
     """Forward and backward every micro-batch of one optimizer step; returns the summed loss (a float).
 
     ``n_tokens`` is the trained-token count of the whole step (all micro-batches, all ranks). ``grad_scale``
@@ -101,7 +107,7 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.devi
         ctx = sync_ctx() if (sync_ctx is not None and not last) else contextlib.nullcontext()
         with ctx:
             with autocast(device, use_bf16):
-                loss, _ = loss_sum(model, batch, device)
+                loss, _ = loss_sum(model, batch, device, chunked)
             (loss * (weights[i] * grad_scale / n_tokens)).backward()
         total += weights[i] * float(loss.detach())
     return total
@@ -124,7 +130,9 @@ def step_batches(run: Run, step: ScheduledStep) -> tuple[list[dict], list[float]
     example left runs a filler (the step's shortest example) with weight 0, only to join the collectives."""
     ex = run.train_ex
     filler = [min(step.examples, key=lambda i: len(ex[i]))]
-    batches = [collate([ex[i] for i in (ids or filler)], run.pad_id, run.packing) for ids in step.micro_batches]
+    budget = run.cfg.max_tokens_per_batch
+    batches = [collate_varlen([ex[i] for i in (ids or filler)], budget) if budget else
+               collate([ex[i] for i in (ids or filler)], run.pad_id, run.packing) for ids in step.micro_batches]
     weights = [1.0 if ids else 0.0 for ids in step.micro_batches]
     return batches, weights, [b for b, ids in zip(batches, step.micro_batches) if ids]
 
@@ -140,7 +148,7 @@ def optimizer_step(run: Run, step: ScheduledStep) -> StepResult:
     batches, weights, real = step_batches(run, step)
     n_tokens = int(processes.all_sum(count_trained(real), info, device))
     summed = run.hooks.accumulate(run.model, batches, device, run.use_bf16, n_tokens, grad_scale=info.world_size,
-                                  weights=weights)
+                                  weights=weights, chunked=run.chunked_loss)
     loss = processes.all_sum(summed, info, device) / n_tokens
     norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     lr = run.scheduler.get_last_lr()[0]

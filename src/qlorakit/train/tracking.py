@@ -40,6 +40,14 @@ def tracker_names(report_to: str) -> list[str]:
     return list(dict.fromkeys(n for n in names if n != "none"))
 
 
+def loggable(config: dict) -> dict:
+    """The config as trackers take it: numbers, strings and yes/no as they are, anything else (the data lists) as
+    JSON text."""
+    import json
+
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in config.items()}
+
+
 def _make(name: str, run_name: str, out: Path):
     """accelerate's tracker for ``name``, not started."""
     from accelerate import tracking
@@ -110,7 +118,7 @@ def start_trackers(cfg, out: Path, is_main: bool) -> Trackers:
             tracker = _make(name, run_name, out)
             tracker.main_process_only = False  # only rank 0 gets here; accelerate need not ask its process state
             tracker.start()
-            tracker.store_init_configuration(cfg.to_dict())
+            tracker.store_init_configuration(loggable(cfg.to_dict()))
         except Exception as e:  # a tracker's own setup (login, server, store): one line, and the others closed
             started.finish()
             raise UserError(f"report_to: {name} did not start ({type(e).__name__}: {str(e).splitlines()[0]})") \
