@@ -229,13 +229,16 @@ ALIAS_KINDS = {"renamed": "", "mapped": "", "ignored": "accepted, no effect: ", 
 
 def add_alias_options(parser: Parser) -> Parser:
     """One option per name of qlora, its fork and the Hugging Face Trainer (``compat.ALIASES``), with what it does."""
-    values = "; ".join(f"--{k} {v}: {note}" for (k, v), (_, note) in VALUE_ALIASES.items())
+    import textwrap
+
+    values = "".join(textwrap.fill(f"--{k} {v}: {note}.", 116, initial_indent="  ", subsequent_indent="    ") + "\n"
+                     for (k, v), (_, note) in VALUE_ALIASES.items())
     group = parser.add_argument_group("names of qlora, its fork and the Hugging Face Trainer",
-                                      f"Their scripts run as written (docs/coming-from-qlora.md). Values: {values}.")
+                                      f"Their scripts run as written (docs/coming-from-qlora.md). Values:\n{values}")
     for name, alias in ALIASES.items():
-        group.add_argument(f"--{name}", metavar="true|false" if alias.boolean else "VALUE", nargs="?", const=None,
-                           default=argparse.SUPPRESS,
-                           help=f"({alias.origin}) {ALIAS_KINDS[alias.kind]}{alias.note}.".replace("%", "%%"))
+        bare = {"nargs": "?", "const": None} if alias.boolean else {}  # a bare yes/no flag is true
+        group.add_argument(f"--{name}", metavar="true|false" if alias.boolean else "VALUE", default=argparse.SUPPRESS,
+                           help=f"({alias.origin}) {ALIAS_KINDS[alias.kind]}{alias.note}.".replace("%", "%%"), **bare)
     return parser
 
 
