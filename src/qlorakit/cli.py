@@ -68,11 +68,19 @@ def train_parser() -> Parser:
     return p
 
 
+WARNED = "QLORAKIT_WARNED"  # set for the processes 'train --nproc' starts: the parent said the warnings already
+
+
 def train_args(argv: list[str]):
-    """(TrainConfig, process count) of ``train``'s arguments; a mistake raises a UserError naming every problem."""
+    """(TrainConfig, process count) of ``train``'s arguments; a mistake raises a UserError naming every problem.
+    Each name given that has no effect here (qlora's --do_train, ...) gets one warning line, from one process."""
     from .config import read_args
 
-    cfg, ns = read_args(argv, train_parser())
+    warnings: list[str] = []
+    cfg, ns = read_args(argv, train_parser(), warnings)
+    if os.environ.get("RANK", "0") == "0" and not os.environ.get(WARNED):
+        for line in warnings:
+            print(f"qlorakit train: warning: {line}", file=sys.stderr)
     return cfg, ns.nproc
 
 
@@ -90,7 +98,19 @@ def train_main(argv: list[str]) -> int:
     result = train(cfg)
     if result.stopped == "interrupted":
         return 130
+    if cfg.merged_output_dir and os.environ.get("RANK", "0") == "0":
+        merge_after_training(cfg)
     return 0
+
+
+def merge_after_training(cfg) -> None:
+    """--merged_output_dir (the fork's): the run's adapter merged into its base, as 'qlorakit merge' writes it. Here,
+    above the training library, because merging is a command of its own (train/ does not import export/)."""
+    from pathlib import Path
+
+    from .export.merge import merge
+
+    merge(Path(cfg.output_dir), Path(cfg.merged_output_dir), "dequantized", None)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -115,7 +135,7 @@ def _torchrun(n: int, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
            "qlorakit", "train", *argv]
     print("qlorakit: " + " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env={**os.environ, WARNED: "1"})
 
 
 DATA_DESCRIPTION = """Check data before you train on it: for each source its rows, token lengths, the share of tokens

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from .compat import ALIASES, QLORA_KEYS, QloraKeys, add_alias_options, resolve, validate_qlora_keys
+from .config_values import ValueProblem, coerce
 from .errors import UserError
 from .options import Parser, split_extras
 
@@ -37,7 +39,7 @@ def default_of(f: dataclasses.Field):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its fork and the Trainer, listed last
     # --- model ---
     model_name_or_path: str = _f("default", "Base model: 'default' (embedded SmolLM2-135M-Instruct), a local "
                                  "Hugging Face directory, a .gguf file, or a hub id.")
@@ -78,7 +80,7 @@ class TrainConfig:
                              "first row's fields or a table's columns); sharegpt reads conversations/from/value.",
                              ("auto", "airoboros", "alpaca", "messages", "sharegpt"))
     prompt_format: str = _f("airoboros", "How conversations are rendered to text.",
-                            ("airoboros", "vicuna", "alpaca", "chatml", "tokenizer"))
+                            ("airoboros", "vicuna", "alpaca", "chatml", "llama2", "tokenizer"))
     model_max_len: int = _f(1024, "Longest example in tokens.")
     truncation: str = _f("truncate", "What to do with a longer example: cut it ('truncate') or 'drop' it. "
                          "Either way it is counted in the log.", ("truncate", "drop"))
@@ -143,80 +145,33 @@ class TrainConfig:
         return bf16_is_fast() if self.bf16 == "auto" else self.bf16 == "true"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        return {name: values[name] for name in FIELDS}
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = {f.name: f for f in sorted(dataclasses.fields(TrainConfig), key=lambda f: f.name in QLORA_KEYS)}
 DATA_PAIRS = (("dataset", "datasets"), ("eval_dataset", "eval_datasets"))  # one string or a YAML list: not both
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
 def _coerce(key: str, value, source: str):
-    """Return ``value`` as the field's type, or raise ConfigError naming key and source."""
-    typ = _TYPES[key]
-    if typ is list:
-        return _dataset_list(key, value, source)
+    """``value`` as the field's type, or ConfigError naming key and source (config_values.py)."""
     try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            raise ValueError
-        if typ is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError  # YAML's 2.5 is not silently 2
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is str:
-            if isinstance(value, (list, tuple)):
-                return ",".join(str(v) for v in value)
-            if isinstance(value, bool):  # YAML's true/false, for keys such as bf16 that also take "auto"
-                return str(value).lower()
-            if isinstance(value, dict) or value is None:
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        pass
-    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
-    raise ConfigError(f"{key}: {value!r} (from {source}) is not {want}")
-
-
-def _dataset_list(key: str, value, source: str) -> list:
-    """A list key's value: a YAML list (from a file), or its text in YAML flow style (from a flag). Each entry is
-    a mapping or a string; what an entry says is checked where the data is read (qlorakit.data.sources)."""
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"{key}: {value!r} (from {source}) is not a YAML list; write it as "
-                              "'[{path: a.jsonl, weight: 0.7}, {path: b.parquet}]'") from None
-    if not isinstance(value, list) or not value:
-        hint = " (a single source or the compact PATH:OPTION syntax goes in --dataset)" if isinstance(value, str) \
-            else ""
-        raise ConfigError(f"{key}: {value!r} (from {source}) is not a non-empty list of datasets, each a mapping "
-                          f"with at least 'path'{hint}")
-    bad = next((i for i, e in enumerate(value) if not isinstance(e, (dict, str))), None)
-    if bad is not None:
-        raise ConfigError(f"{key}[{bad}]: {value[bad]!r} (from {source}) is not a mapping such as "
-                          "{path: a.jsonl, weight: 0.7}")
-    return [dict(e) if isinstance(e, dict) else e for e in value]
+        return coerce(key, _TYPES[key], value, source)
+    except ValueProblem as e:
+        raise ConfigError(str(e)) from None
 
 
 def _suggest(key: str) -> str:
     import difflib
 
-    close = difflib.get_close_matches(key, FIELDS, n=1)
+    close = difflib.get_close_matches(key, [*FIELDS, *ALIASES], n=1)
     return f"; did you mean '{close[0]}'?" if close else "; see 'qlorakit train --help'"
 
 
 SECTIONS = {"model_name_or_path": "model", "lora_r": "LoRA", "dataset": "data", "output_dir": "schedule",
-            "eval_strategy": "evaluation, checkpoints, logging", "fsdp": "distributed"}  # first key: section title
+            "eval_strategy": "evaluation, checkpoints, logging", "fsdp": "distributed",
+            "source_max_len": "qlora and Trainer"}  # first key: section title
 TRAIN_USAGE = "qlorakit train [CONFIG.yaml] [--key value ...] [--nproc N]"
 TRAIN_DESCRIPTION = """Fine-tune a causal LM with QLoRA. Without arguments: the embedded default job
 (SmolLM2-135M-Instruct on the shipped airoboros sample, into runs/default).
@@ -236,6 +191,10 @@ def _metavar(name: str, f: dataclasses.Field) -> str:
     return {bool: "true|false", int: "N", float: "X", str: "TEXT", list: "YAML_LIST"}[_TYPES[name]]
 
 
+def _yes_no(key: str) -> bool:
+    return _TYPES[key] is bool or "true" in (FIELDS[key].metadata["choices"] or ())
+
+
 def add_config_options(parser: Parser) -> Parser:
     """One ``--key VALUE`` per TrainConfig field, in the class's sections, each with its help and default. Values
     stay as typed (strings): ``config_from_mapping`` coerces and validates them with the YAML's, every problem at
@@ -245,9 +204,11 @@ def add_config_options(parser: Parser) -> Parser:
         if name in SECTIONS:
             group = parser.add_argument_group(f"{SECTIONS[name]} keys")
         help = f"{f.metadata['help']} Default: {_show(default_of(f))}."
-        group.add_argument(f"--{name}", metavar=_metavar(name, f), default=argparse.SUPPRESS,
-                           help=help.replace("%", "%%"))
-    return parser
+        # a bare yes/no --key is read too, as true, as in Hugging Face's parser (compat.resolve)
+        nargs = {"nargs": "+"} if f.metadata.get("many") else {"nargs": "?"} if _yes_no(name) else {}
+        group.add_argument(f"--{name}", metavar=_metavar(name, f), const=None, default=argparse.SUPPRESS,
+                           help=help.replace("%", "%%"), **nargs)
+    return add_alias_options(parser)
 
 
 def train_parser() -> Parser:
@@ -261,7 +222,7 @@ def parse_args(argv: list[str], parser: Parser | None = None
     ``--key value`` given, known keys and unknown ones alike, as key -> (value, '--key')). Unknown keys are left to
     ``config_from_mapping``, which reports them with the other problems and suggests the nearest key."""
     ns, extras = (parser or train_parser()).parse_known_args(argv)
-    flags = {k: (v, f"--{k}") for k, v in vars(ns).items() if k in FIELDS}
+    flags = {k: (v, f"--{k}") for k, v in vars(ns).items() if k in FIELDS or k in ALIASES}
     positionals = []
     for option, value in split_extras(extras):
         if option is None:
@@ -286,13 +247,14 @@ def load_yaml(path: str) -> dict[str, tuple[object, str]]:
     return {str(k): (v, path) for k, v in data.items()}
 
 
-def build_config(argv: list[str]) -> TrainConfig:
+def build_config(argv: list[str], warnings: list[str] | None = None) -> TrainConfig:
     """``[CONFIG.yaml] [--key value ...]``: the YAML file, then flags (flags win), then validation. Raises
-    ConfigError listing every problem."""
-    return read_args(argv)[0]
+    ConfigError listing every problem; ``warnings`` gets a line for each name given that has no effect here."""
+    return read_args(argv, warnings=warnings)[0]
 
 
-def read_args(argv: list[str], parser: Parser | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+def read_args(argv: list[str], parser: Parser | None = None, warnings: list[str] | None = None
+              ) -> tuple[TrainConfig, argparse.Namespace]:
     """``build_config`` with ``parser`` (train's keys plus options of a command's own, such as --nproc); also
     returns the parser's namespace for those."""
     ns, positionals, flags = parse_args(argv, parser)
@@ -303,7 +265,7 @@ def read_args(argv: list[str], parser: Parser | None = None) -> tuple[TrainConfi
             merged = load_yaml(positionals[0])
         except ConfigError as e:
             problems.append(str(e))
-    return config_from_mapping(merge_flags(merged, flags), problems), ns
+    return config_from_mapping(merge_flags(merged, flags), problems, warnings), ns
 
 
 def merge_flags(file_values: dict[str, tuple[object, str]], flags: dict[str, tuple[object, str]]
@@ -317,10 +279,15 @@ def merge_flags(file_values: dict[str, tuple[object, str]], flags: dict[str, tup
     return {**merged, **flags}
 
 
-def config_from_mapping(merged: dict[str, tuple[object, str]], problems: list[str] | None = None) -> TrainConfig:
+def config_from_mapping(merged: dict[str, tuple[object, str]], problems: list[str] | None = None,
+                        warnings: list[str] | None = None) -> TrainConfig:
     """The TrainConfig of key -> (value, where it came from); ``problems`` found before are reported with the
-    ones found here, all at once."""
-    problems = list(problems or [])
+    ones found here, all at once. Bare flags and the names of qlora, its fork and the Trainer are read as
+    ``compat.resolve`` says; the lines of those that have no effect go to ``warnings``."""
+    merged, alias_problems, alias_warnings = resolve(merged, {k: _yes_no(k) for k in FIELDS})
+    problems = list(problems or []) + alias_problems
+    if warnings is not None:
+        warnings += alias_warnings
     values = {}
     for key, (value, source) in merged.items():
         if key not in FIELDS:
@@ -384,7 +351,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append("early_stopping_patience: needs evaluation; set eval_strategy to steps or epoch")
     if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
         problems.append("load_best_model_at_end: needs evaluation; set eval_strategy to steps or epoch")
-    return problems
+    return problems + validate_qlora_keys(cfg)  # compat.py
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -31,6 +31,8 @@ class Recipe:
     model_max_len: int
     truncation: str
     train_on_source: bool
+    source_max_len: int = 0  # qlora's cut of each prompt and each reply (0 = none): tokenize.cut_spans
+    target_max_len: int = 0
 
 
 def features():
@@ -125,7 +127,8 @@ def convert_batch(batch: dict, indices: list[int], *, part: Part, recipe: Recipe
         if isinstance(example, str):
             out["error"][slot] = example
             continue
-        kept, status = apply_length_policy(example, recipe.model_max_len, recipe.truncation)
+        kept, status = apply_length_policy(example, recipe.model_max_len, recipe.truncation, recipe.source_max_len,
+                                           recipe.target_max_len)
         out["status"][slot] = STATUSES.index(status)
         out["full_length"][slot] = len(example)
         if kept is not None:

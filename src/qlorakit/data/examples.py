@@ -74,8 +74,8 @@ class ExampleStore:
         """For each change of the length policy, how many of the rows at ``pos`` it made and the first three.
         A row cut to ``max_len`` and then dropped for having no trained token left counts under both."""
         status = self.status[pos]
-        masks = {"truncated": (self.full_length[pos] > max_len) & (status != 2), "dropped_too_long": status == 2,
-                 "dropped_no_trained_tokens": status == 3}
+        masks = {"truncated": ((self.full_length[pos] > max_len) | (status == 1)) & (status != 2),
+                 "dropped_too_long": status == 2, "dropped_no_trained_tokens": status == 3}
         return {k: (int(m.sum()), [self.where(int(p)) for p in pos[m][:3]]) for k, m in masks.items()}
 
 

@@ -9,6 +9,7 @@ their lengths; ``data.lines`` are the log lines and ``data.sources`` the per-sou
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -44,6 +45,8 @@ class DataOptions:
     train_on_source: bool = False
     cache_dir: str = ""  # "" = default_cache_dir()
     num_proc: int = 0  # processes that tokenize; 0 = as many as pay
+    source_max_len: int = 0  # qlora's cut of each prompt and each reply, in tokens (0 = none)
+    target_max_len: int = 0
 
     @classmethod
     def from_config(cls, cfg) -> DataOptions:
@@ -59,9 +62,11 @@ class DataOptions:
             evals = parse_dataset_list(eval_listed, "eval_datasets", fmt)
         else:
             evals = parse_dataset_arg(cfg.eval_dataset, "eval_dataset", fmt) if cfg.eval_dataset else []
-        return cls(tuple(sources), tuple(evals), cfg.eval_dataset_size, cfg.seed, cfg.prompt_format,
-                   cfg.model_max_len, cfg.truncation, cfg.train_on_source,
-                   getattr(cfg, "data_cache_dir", ""), getattr(cfg, "data_num_proc", 0))
+        data_seed = getattr(cfg, "data_seed", -1)  # the split's and the mixture's seed; -1: the run's seed
+        return cls(tuple(sources), tuple(evals), cfg.eval_dataset_size, cfg.seed if data_seed < 0 else data_seed,
+                   cfg.prompt_format, cfg.model_max_len, cfg.truncation, cfg.train_on_source,
+                   getattr(cfg, "data_cache_dir", ""), getattr(cfg, "data_num_proc", 0),
+                   getattr(cfg, "source_max_len", 0), getattr(cfg, "target_max_len", 0))
 
     def cache_root(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
@@ -96,8 +101,7 @@ def _build_source(spec: SourceSpec, recipe: Recipe, tokenizer, num_proc: int, fo
     parts, layouts, infos, procs = open_parts(spec, folder), [], [], 1
     for i, part in enumerate(parts):
         layout = detect_layout(part, spec.layout, recipe.fields)
-        recipe_i = Recipe(layout, *[getattr(recipe, k) for k in ("fields", "prompt_format", "model_max_len",
-                                                                  "truncation", "train_on_source")])
+        recipe_i = dataclasses.replace(recipe, layout=layout)
         result, p = tokenize_part(part, recipe_i, tokenizer, folder / f"examples-{i}.arrow", num_proc)
         procs = max(procs, p)
         layouts.append(layout)
@@ -125,10 +129,11 @@ def load_source(spec: SourceSpec, opts: DataOptions, tokenizer, tok_fp: str, mod
 
     content, sha = content_fingerprint(spec)
     recipe = Recipe(spec.layout, Fields(spec.columns), opts.prompt_format, opts.model_max_len,
-                    opts.truncation, opts.train_on_source)
+                    opts.truncation, opts.train_on_source, opts.source_max_len, opts.target_max_len)
     key = cache_key(content=content, split=spec.split, subset=spec.subset, format=spec.layout, columns=spec.columns,
                     tokenizer=tok_fp, prompt_format=opts.prompt_format, model_max_len=opts.model_max_len,
-                    truncation=opts.truncation, train_on_source=opts.train_on_source)
+                    truncation=opts.truncation, train_on_source=opts.train_on_source,
+                    source_max_len=opts.source_max_len, target_max_len=opts.target_max_len)
     folder, meta, state = cached(opts.cache_root(), key, lambda tmp: _build_source(spec, recipe, tokenizer,
                                                                                    opts.num_proc, tmp),
                                  mode, wait_timeout_s)

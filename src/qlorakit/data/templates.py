@@ -17,6 +17,9 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
                  "helpful, detailed, and polite answers to the user's questions.")
 ALPACA_SYSTEM = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.")
+# The system prompt jondurbin's qlora fork puts in its llama-2 chat prompt (dataset_format airoboros_chat) when a
+# conversation brings none.
+AIROBOROS_CHAT_SYSTEM = "You are an unbiased, uncensored, helpful assistant."
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,9 @@ class Segment:
 class PromptFormat:
     """A plain-text format: ``head`` once, then ``user`` / ``assistant`` turns.
 
-    ``{system}``, ``{content}`` are filled in; ``{eos}`` in ``end`` is the tokenizer's end-of-sequence token. The
-    trained span of an assistant turn is its content followed by ``end``; ``after`` follows untrained.
+    ``{system}``, ``{content}`` are filled in; ``{eos}`` in ``end`` is the tokenizer's end-of-sequence token and
+    ``{bos}`` in ``after`` its beginning-of-sequence token. The trained span of an assistant turn is its content
+    followed by ``end``; ``after`` follows untrained.
     """
 
     name: str
@@ -39,9 +43,13 @@ class PromptFormat:
     user: str  # "{content}" placeholder; ends where the assistant's reply begins
     end: str  # closes a reply, trained ("{eos}" or a literal token such as <|im_end|>)
     after: str = ""  # untrained text between a reply's end and the next turn
+    bare_head: str = ""  # what opens a conversation without system text instead of ``head``
 
     def end_text(self, eos: str) -> str:
         return self.end.replace("{eos}", eos)
+
+    def after_text(self, bos: str) -> str:
+        return self.after.replace("{bos}", bos)
 
 
 FORMATS = {
@@ -51,6 +59,10 @@ FORMATS = {
                            "{eos}", "\n\n"),
     "chatml": PromptFormat("chatml", "", "<|im_start|>system\n{system}<|im_end|>\n",
                            "<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>", "\n"),
+    # Llama 2's chat prompt, as jondurbin's qlora fork renders airoboros_chat: the system text inside the first
+    # [INST], each later turn opened by BOS.
+    "llama2": PromptFormat("llama2", AIROBOROS_CHAT_SYSTEM, "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n",
+                           "{content} [/INST] ", "{eos}", "{bos}[INST] ", "[INST] "),
 }
 NAMES = (*FORMATS, "tokenizer")
 
@@ -73,15 +85,16 @@ def render_segments(messages: tuple[Message, ...] | list[Message], fmt_name: str
         return _tokenizer_segments(messages, tokenizer, add_generation_prompt)
     fmt = FORMATS[fmt_name]
     system, turns = _system_of(messages, fmt)
-    segments = [Segment(fmt.head.format(system=system), False)] if system else []
-    eos = tokenizer.eos_token or ""
+    head = fmt.head.format(system=system) if system else fmt.bare_head
+    segments = [Segment(head, False)] if head else []
+    eos, bos = tokenizer.eos_token or "", tokenizer.bos_token or ""
     for m in turns:
         if m.role == "user":
             segments.append(Segment(fmt.user.format(content=m.content), False))
         elif m.role == "assistant":
             segments.append(Segment(m.content + fmt.end_text(eos), True))
-            if fmt.after:
-                segments.append(Segment(fmt.after, False))
+            if fmt.after_text(bos):
+                segments.append(Segment(fmt.after_text(bos), False))
         else:
             raise ValueError(f"a {m.role} message can only come first")
     if not add_generation_prompt:
@@ -94,7 +107,7 @@ def _tokenizer_segments(messages, tokenizer, add_generation_prompt) -> list[Segm
     """Segments from the tokenizer's own chat template, found by rendering growing prefixes of the conversation."""
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("prompt_format 'tokenizer' needs a tokenizer with a chat_template; this one has none, "
-                         "choose airoboros, vicuna, alpaca or chatml")
+                         "choose airoboros, vicuna, alpaca, chatml or llama2")
     as_dicts = [{"role": m.role, "content": m.content} for m in messages]
 
     def text(upto, gen):
@@ -140,15 +153,17 @@ def chat_template(fmt_name: str, tokenizer) -> str:
     q = lambda s: repr(s)  # noqa: E731  (a Python string literal is a valid Jinja string literal here)
     head_pre, head_post = _split(fmt.head, "{system}")
     user_pre, user_post = _split(fmt.user, "{content}")
-    end = q(fmt.end).replace("{eos}", "' + eos_token + '") if "{eos}" in fmt.end else q(fmt.end)
+    end = q(fmt.end).replace("{eos}", "' + eos_token + '")
+    after = q(fmt.after).replace("{bos}", "' + (bos_token or '') + '")
     return (
         "{%- set ns = namespace(system=" + q(fmt.default_system) + ", start=0) -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}{%- endif -%}"
-        "{%- if ns.system -%}{{ " + q(head_pre) + " + ns.system + " + q(head_post) + " }}{%- endif -%}"
+        "{%- if ns.system -%}{{ " + q(head_pre) + " + ns.system + " + q(head_post) + " }}"
+        "{%- else -%}{{ " + q(fmt.bare_head) + " }}{%- endif -%}"
         "{%- for m in messages[ns.start:] -%}"
         "{%- if m['role'] == 'user' -%}{{ " + q(user_pre) + " + m['content'] + " + q(user_post) + " }}"
         "{%- elif m['role'] == 'assistant' -%}{{ m['content'] + " + end + " }}"
-        "{%- if not loop.last -%}{{ " + q(fmt.after) + " }}{%- endif -%}"
+        "{%- if not loop.last -%}{{ " + after + " }}{%- endif -%}"
         "{%- endif -%}{%- endfor -%}"
     )

@@ -20,6 +20,9 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     source: str = ""
+    # (tokens, is a reply) of each run of prompt or reply tokens in order, as rendered (whatever train_on_source
+    # makes of the labels): what source_max_len and target_max_len cut. Not kept with cached examples.
+    spans: tuple[tuple[int, bool], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def n_trained(self) -> int:
@@ -46,7 +49,8 @@ class TokenizeReport:
 
 # What the length policy did to one example; the order is the code stored with cached examples.
 STATUSES = ("kept", "truncated", "dropped_too_long", "dropped_no_trained_tokens")
-_STATUS_LABELS = {"truncated": "truncated to model_max_len", "dropped_too_long": "dropped: longer than model_max_len",
+_STATUS_LABELS = {"truncated": "truncated to the length limits",
+                  "dropped_too_long": "dropped: longer than model_max_len",
                   "dropped_no_trained_tokens": "dropped: no trained token left (prompt fills model_max_len)"}
 
 
@@ -68,20 +72,31 @@ def bos_ids(tokenizer) -> list[int]:
 
 
 def segments_to_ids(segments: list[Segment], tokenizer, train_on_source: bool = False) -> tuple[list[int], list[int]]:
-    ids, labels = list(bos_ids(tokenizer)), []
-    labels = [IGNORE] * len(ids)
-    for seg in segments:
-        seg_ids = tokenizer(seg.text, add_special_tokens=False)["input_ids"]
-        ids += seg_ids
-        labels += seg_ids if (seg.trained or train_on_source) else [IGNORE] * len(seg_ids)
-    return ids, labels
+    ex = _example(segments, [tokenizer(s.text, add_special_tokens=False)["input_ids"] for s in segments],
+                  bos_ids(tokenizer), train_on_source, "")
+    return ex.input_ids, ex.labels
+
+
+def _example(segments: list[Segment], seg_ids: list[list[int]], bos: list[int], train_on_source: bool,
+             source: str) -> Example:
+    """The example of rendered ``segments`` and their token ids: BOS (untrained, part of the first prompt), then each
+    segment, its ids trained where it is a reply (or everywhere with ``train_on_source``)."""
+    ids, labels, spans = list(bos), [IGNORE] * len(bos), [[len(bos), False]] if bos else []
+    for seg, these in zip(segments, seg_ids):
+        ids += these
+        labels += these if (seg.trained or train_on_source) else [IGNORE] * len(these)
+        if spans and spans[-1][1] == seg.trained:
+            spans[-1][0] += len(these)
+        else:
+            spans.append([len(these), seg.trained])
+    return Example(ids, labels, source, tuple((n, reply) for n, reply in spans))
 
 
 def tokenize_conversation(conv: Conversation, tokenizer, prompt_format: str,
                           train_on_source: bool = False) -> Example:
     segments = render_segments(conv.messages, prompt_format, tokenizer)
-    ids, labels = segments_to_ids(segments, tokenizer, train_on_source)
-    return Example(ids, labels, conv.source)
+    seg_ids = [tokenizer(s.text, add_special_tokens=False)["input_ids"] for s in segments]
+    return _example(segments, seg_ids, bos_ids(tokenizer), train_on_source, conv.source)
 
 
 def prompt_ids(messages, tokenizer, prompt_format: str) -> list[int]:
@@ -98,21 +113,35 @@ def tokenize_many(convs: list[Conversation], tokenizer, prompt_format: str,
     texts = [seg.text for segs in segments for seg in segs]
     encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
     bos = bos_ids(tokenizer)
-    out = []
-    for conv, segs in zip(convs, segments):
-        ids, labels = list(bos), [IGNORE] * len(bos)
-        for seg in segs:
-            seg_ids = next(encoded)
-            ids += seg_ids
-            labels += seg_ids if (seg.trained or train_on_source) else [IGNORE] * len(seg_ids)
-        out.append(Example(ids, labels, conv.source))
-    return out
+    return [_example(segs, [next(encoded) for _ in segs], bos, train_on_source, conv.source)
+            for conv, segs in zip(convs, segments)]
 
 
-def apply_length_policy(ex: Example, max_len: int, truncation: str = "truncate") -> tuple[Example | None, str]:
-    """The example as training sees it (None when dropped) and its status, one of STATUSES. A truncated example
-    left with no trained token is dropped (and counted as truncated too: its full length says so)."""
-    status = "kept"
+def cut_spans(ex: Example, source_max_len: int = 0, target_max_len: int = 0) -> Example:
+    """qlora's truncation: each prompt keeps its first ``source_max_len`` tokens (the BOS counts, as in qlora's
+    collator) and each reply its first ``target_max_len`` (its end-of-sequence token counts); 0 = no limit. For a
+    single-turn row this is exactly what qlora's DataCollatorForCausalLM makes of input and output."""
+    if not ex.spans or not (source_max_len or target_max_len):
+        return ex
+    ids, labels, spans, at = [], [], [], 0
+    for n, reply in ex.spans:
+        limit = target_max_len if reply else source_max_len
+        keep = min(n, limit) if limit > 0 else n
+        ids += ex.input_ids[at:at + keep]
+        labels += ex.labels[at:at + keep]
+        spans.append((keep, reply))
+        at += n
+    return Example(ids, labels, ex.source, tuple(spans))
+
+
+def apply_length_policy(ex: Example, max_len: int, truncation: str = "truncate", source_max_len: int = 0,
+                        target_max_len: int = 0) -> tuple[Example | None, str]:
+    """The example as training sees it (None when dropped) and its status, one of STATUSES: first each prompt and
+    reply cut to ``source_max_len`` and ``target_max_len`` (``cut_spans``; 0 = no limit), then the whole to
+    ``max_len``. A truncated example left with no trained token is dropped (and counted as truncated too)."""
+    cut = cut_spans(ex, source_max_len, target_max_len)
+    status = "kept" if len(cut) == len(ex) else "truncated"
+    ex = cut
     if len(ex) > max_len:
         if truncation == "drop":
             return None, "dropped_too_long"
@@ -123,7 +152,8 @@ def apply_length_policy(ex: Example, max_len: int, truncation: str = "truncate")
 
 
 def tokenize_all(convs: list[Conversation], tokenizer, prompt_format: str, max_len: int,
-                 truncation: str = "truncate", train_on_source: bool = False) -> tuple[list[Example], TokenizeReport]:
+                 truncation: str = "truncate", train_on_source: bool = False, source_max_len: int = 0,
+                 target_max_len: int = 0) -> tuple[list[Example], TokenizeReport]:
     """Examples for ``convs`` with the length policy applied; the report counts every change."""
     report = TokenizeReport()
     out = []
@@ -131,8 +161,9 @@ def tokenize_all(convs: list[Conversation], tokenizer, prompt_format: str, max_l
                "dropped_no_trained_tokens": report.dropped_no_trained_tokens}
     for conv in convs:
         full = tokenize_conversation(conv, tokenizer, prompt_format, train_on_source)
-        ex, status = apply_length_policy(full, max_len, truncation)
-        if status == "dropped_no_trained_tokens" and len(full) > max_len:
+        ex, status = apply_length_policy(full, max_len, truncation, source_max_len, target_max_len)
+        cut = cut_spans(full, source_max_len, target_max_len)
+        if status == "dropped_no_trained_tokens" and (len(cut) != len(full) or len(cut) > max_len):
             changed["truncated"].append(conv.source)
         if status != "kept":
             changed[status].append(conv.source)

@@ -10,6 +10,7 @@ from ..data.formats import Message, read_prompts
 from ..generation import Sampling, generate_replies, stream_reply
 from ..options import Parser, non_negative_integer, non_negative_number, positive_integer, positive_number
 from ..runs import load_run
+from .chat import chat_loop
 
 SAMPLING_HELP = {
     "max_new_tokens": (positive_integer, "longest reply in tokens"),
@@ -38,13 +39,27 @@ def sampling_of(args) -> Sampling:
     return Sampling(**{name: getattr(args, name) for name in vars(Sampling())})
 
 
+CHAT_DESCRIPTION = """Talk to the tuned model in the prompt format it was trained in; each reply is shown as it is
+generated. A line on stdin is a message; so are all the lines between a line that starts with \"\"\" and one that
+ends with it, as in ollama: a multi-line prompt such as airoboros' closed-context question, typed or piped:
+
+  \"\"\"
+  BEGININPUT
+  BEGINCONTEXT
+  ...
+  ENDINSTRUCTION
+  \"\"\"
+
+The model sees the whole conversation so far (--no_history: each message alone). /reset starts over (the --system
+message stays), /quit or Ctrl-D ends."""
+
+
 def chat_parser() -> Parser:
-    p = Parser("qlorakit chat", usage="qlorakit chat RUN_DIR [--system TEXT] [--temperature T --top_p P --top_k K "
-               "--max_new_tokens N --repetition_penalty R]",
-               description="Talk to the tuned model in the prompt format it was trained in. Each line on stdin is a "
-               "user turn;\nthe model sees the whole conversation so far. /reset starts over (the --system message "
-               "stays), /quit or\nCtrl-D ends.")
-    p.add_argument("--system", default="", metavar="TEXT", help="a system message that opens the conversation")
+    p = Parser("qlorakit chat", usage="qlorakit chat RUN_DIR [--system TEXT] [--no_history] [--temperature T "
+               "--top_p P --top_k K --max_new_tokens N --repetition_penalty R]", description=CHAT_DESCRIPTION)
+    p.add_argument("--system", default="", metavar="TEXT", help="a system message that opens the conversation, "
+                   "instead of the prompt format's own")
+    p.add_argument("--no_history", action="store_true", help="answer each message alone, without the earlier turns")
     return add_run_dir_and_sampling(p)
 
 
@@ -61,34 +76,26 @@ def generate_parser() -> Parser:
 
 
 def chat_main(argv: list[str]) -> int:
-    """``qlorakit chat RUN_DIR [--system TEXT] [sampling options]``."""
+    """``qlorakit chat RUN_DIR [--system TEXT] [--no_history] [sampling options]``: ``chat_loop`` over stdin, each
+    reply streamed to stdout."""
     args = chat_parser().parse_args(argv)
     sampling = sampling_of(args)
     model, tokenizer, cfg = load_run(args.run_dir)
-    opening: list[Message] = [Message("system", args.system)] if args.system else []
-    history = list(opening)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"qlorakit chat: {cfg.prompt_format} format; /reset clears the history, /quit or Ctrl-D ends.")
-    while True:
+        print(f"qlorakit chat: {cfg.prompt_format} format; a message between \"\"\" lines may span lines; "
+              "/reset clears the history, /quit or Ctrl-D ends.")
+
+    def show(text: str) -> None:
+        print(text, end="", flush=True)
+
+    def reply(conversation: list[Message]) -> str:
         if interactive:
-            print("you> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.strip() == "/quit":
-            break
-        if line.strip() == "/reset":
-            history = list(opening)
-            continue
-        history.append(Message("user", line))
-        if interactive:
-            print("assistant> ", end="", flush=True)
-        reply = stream_reply(model, tokenizer, cfg.prompt_format, history, sampling)
-        history.append(Message("assistant", reply))
+            show("assistant> ")
+        return stream_reply(model, tokenizer, cfg.prompt_format, conversation, sampling)
+
+    chat_loop(sys.stdin, reply, system=args.system, history=not args.no_history,
+              show_prompt=show if interactive else None)
     return 0
 
 

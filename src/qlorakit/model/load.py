@@ -147,12 +147,30 @@ def quantization_config(bits: int, quant_type: str, double_quant: bool, compute_
 def load_base_for_run(path: str, cfg, device: torch.device | None = None):
     """The base model of ``path`` loaded and quantized as the run config ``cfg`` says (one home for that call)."""
     return load_base_model(path, bits=cfg.bits, quant_type=cfg.quant_type, double_quant=cfg.double_quant,
-                           bf16=cfg.use_bf16(), trust_remote_code=cfg.trust_remote_code, device=device)
+                           bf16=cfg.use_bf16(), trust_remote_code=cfg.trust_remote_code, device=device,
+                           attn_implementation=getattr(cfg, "attn_implementation", "auto"))
+
+
+def attention_kernel(asked: str, device: torch.device) -> tuple[str | None, str | None]:
+    """The ``attn_implementation`` to load with (None: transformers' choice) for ``asked`` on ``device``, and the
+    line that says so when it is not what was asked."""
+    if asked == "auto":
+        return None, None
+    if asked == "flash_attention_2":
+        if device.type != "cuda":
+            return "sdpa", f"attn_implementation flash_attention_2 needs a CUDA GPU; this run is on {device.type}, " \
+                           "so it uses sdpa (PyTorch's fused attention)"
+        if importlib.util.find_spec("flash_attn") is None:
+            return "sdpa", "attn_implementation flash_attention_2 needs the flash-attn package (pip install " \
+                           "flash-attn); without it this run uses sdpa (PyTorch's fused attention)"
+    return asked, None
 
 
 def load_base_model(path: str, *, bits: int = 4, quant_type: str = "nf4", double_quant: bool = True,
-                    bf16: bool = True, trust_remote_code: bool = False, device: torch.device | None = None):
-    """The frozen base model, quantized as asked, on ``device``."""
+                    bf16: bool = True, trust_remote_code: bool = False, device: torch.device | None = None,
+                    attn_implementation: str = "auto"):
+    """The frozen base model, quantized as asked, on ``device``, with the attention kernel asked for where the
+    device has it (``attention_kernel``)."""
     from transformers import AutoModelForCausalLM
 
     if trust_remote_code:
@@ -160,9 +178,14 @@ def load_base_model(path: str, *, bits: int = 4, quant_type: str = "nf4", double
     dtype = torch.bfloat16 if bf16 else torch.float32
     device = device or device_for_training()
     qcfg = quantization_config(bits, quant_type, double_quant, dtype)
+    kernel, why = attention_kernel(attn_implementation, device)
+    if why:
+        log.warning(why)
+    kw = {"attn_implementation": kernel} if kernel else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=qcfg,
-                                                     device_map={"": device}, trust_remote_code=trust_remote_code)
+                                                     device_map={"": device}, trust_remote_code=trust_remote_code,
+                                                     **kw)
     except OSError as e:
         raise ModelError(f"model_name_or_path: cannot load {path} ({str(e).splitlines()[0]})") from None
     except ValueError as e:

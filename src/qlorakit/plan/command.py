@@ -86,6 +86,9 @@ def plan_parser() -> Parser:
     p.add_argument("model", nargs="?", metavar="MODEL", help=f"{', '.join(SHIPPED_MODELS)}, a config.json path, or "
                    "a model directory; default: the model_name_or_path of --config")
     p.add_argument("--config", metavar="RUN.yaml", help="a 'qlorakit train' config file: the run to plan")
+    p.add_argument("--compare", nargs="+", metavar="MODEL", help="instead of a plan: these models side by side at the "
+                   "same LoRA settings (--lora_r, --lora_modules): decoder layers, hidden and MLP shapes, and the LoRA "
+                   "parameters of each layer kind, per layer and in all (e.g. --compare mpt-30b llama-33b)")
     p.add_argument("--device_gib", type=positive_number, default=48.0, metavar="G",
                    help="memory of one GPU in GiB, to say whether the run fits and what would. Default: 48.")
     g = p.add_argument_group("train keys", "As 'qlorakit train' takes them. 'Default here' is the plan's without "
@@ -129,12 +132,28 @@ def resolve_auto(model_config: dict, settings: dict, device_gib: float) -> tuple
     return settings, notes
 
 
+def compare(parser: Parser, args, settings: dict) -> int:
+    """``--compare A B ...``: print the models side by side at the plan's LoRA settings."""
+    from .compare import format_comparison, tunable
+
+    if args.model:
+        parser.error(f"give the models to compare after --compare (not {args.model!r} before it)")
+    if len(args.compare) < 2:
+        parser.error("--compare needs two models or more")
+    models = [tunable(name, load_model_config(model)[0], settings["lora_r"], settings["lora_modules"])
+              for model in args.compare for name in [load_model_config(model)[1]]]
+    print(format_comparison(models, settings["lora_modules"]))
+    return 0
+
+
 def plan_main(argv: list[str]) -> int:
     """``qlorakit plan [MODEL] [--config RUN.yaml] [--key value ...]``: print the plan."""
     parser = plan_parser()
     args = parser.parse_args(argv)
     settings, config_model = run_settings(args.config) if args.config else (dict(DEFAULTS), None)
     settings.update({k: v for k, v in vars(args).items() if k in DEFAULTS})  # flags win over the file
+    if args.compare:
+        return compare(parser, args, settings)
     model = args.model or config_model
     if not model:
         parser.error("give MODEL, or a --config whose model_name_or_path is a model directory or config.json")

@@ -141,7 +141,17 @@ def results_section(metrics: list[dict], best_step: int | None, stopped: str) ->
         lines.append("No evaluation split was used (set `eval_dataset_size` or `eval_dataset` to measure one).")
     if stopped == "early_stopping":
         lines.append("The run stopped early: the eval loss stopped improving (`early_stopping_patience`).")
-    return lines
+    return lines + mmlu_lines(metrics)
+
+
+def mmlu_lines(metrics: list[dict]) -> list[str]:
+    """MMLU accuracy at each evaluation (do_mmlu_eval), where the run scored it."""
+    key = next((k for m in metrics for k in m if k.startswith("mmlu_") and k.endswith("_accuracy")), None)
+    if key is None:
+        return []
+    rows = [m for m in metrics if key in m]
+    return ["", f"MMLU ({key.split('_')[1]} split) accuracy, qlora's scoring: " +
+            ", ".join(f"{m[key]:.4f} at step {m['step']}" for m in rows) + "."]
 
 
 def loading_section(out: Path, base_path: str) -> list[str]:

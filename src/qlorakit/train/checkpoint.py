@@ -30,7 +30,9 @@ RESUME_KEYS = ("model_name_or_path", "dataset", "datasets", "dataset_format", "p
                "truncation", "train_on_source", "group_by_length", "eval_dataset_size", "eval_dataset", "eval_datasets",
                "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "seed", "lora_r",
-               "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant")
+               "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant",
+               "data_seed", "source_max_len", "target_max_len", "max_train_samples", "adam_beta1", "adam_beta2",
+               "adam_epsilon")
 
 
 class CheckpointError(UserError):

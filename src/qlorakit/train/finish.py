@@ -42,13 +42,15 @@ def finish(run: Run, outcome: FitOutcome) -> RunResult:
         if info.is_main:
             log.warning("stopped by %s at step %d and saved %s; to continue, run the same command with "
                         "--resume_from_checkpoint latest", outcome.signal or "a signal to another process",
-                        state.step, out / f"{ckpt.PREFIX}{state.step}")
+                        state.step, run.ckpt_dir / f"{ckpt.PREFIX}{state.step}")
+        run.trackers.finish()
         processes.shutdown(info)
         return result
     adapter = gather_adapter(run.model) if is_fsdp(run.model) else None  # gathered by every rank
     if info.is_main:
         write_run_dir(run.cfg, run.model, run.tokenizer, out, state, outcome.stopped, adapter_state=adapter,
                       sources=run.sources)
+        run.trackers.finish(out / "README.md")
     processes.barrier(info)
     processes.shutdown(info)
     return result
@@ -90,7 +92,7 @@ def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.Tra
     ``sources``: the data's sources with the rows each gave (``PreparedData.sources``), for the model card."""
     peft_model = unwrap(model)
     if cfg.load_best_model_at_end and state.best_step is not None and state.best_step != state.step:  # else: in memory
-        best = out / f"{ckpt.PREFIX}{state.best_step}"
+        best = cfg.checkpoint_dir() / f"{ckpt.PREFIX}{state.best_step}"
         if best.is_dir():
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file

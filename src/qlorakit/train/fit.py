@@ -12,6 +12,7 @@ from ..model.cuda import peak_memory, reset_peak_memory
 from . import checkpoint as ckpt
 from . import processes
 from .distributed import adapter_state, optimizer_state, unwrap
+from .mmlu import mmlu_scores
 from .schedule import should_evaluate, should_evaluate_at_end, should_log, should_save
 from .setup import Run
 from .step import StepResult, TrainingStopped, optimizer_step
@@ -89,7 +90,7 @@ def fit(run: Run) -> FitOutcome:
                     break
     outcome.signal = stop.requested
     run.bar.close()
-    if outcome.stopped != "interrupted" and run.eval_ex:
+    if outcome.stopped != "interrupted" and (run.eval_ex or run.mmlu):
         last_eval = state.eval_history[-1]["step"] if state.eval_history else None
         if should_evaluate_at_end(run.cfg, state.step, last_eval) and evaluate(run):
             outcome.stopped = "early_stopping"
@@ -100,7 +101,7 @@ def log_step(run: Run, result: StepResult, meter: Throughput) -> None:
     """A metrics row and a progress line every ``logging_steps`` steps and at the last."""
     meter.add(result.tokens_seen)
     step = run.state.step
-    if not should_log(run.cfg, step, run.total_steps):
+    if not should_log(run.cfg, step, run.total_steps, epoch_end=run.state.step_in_epoch == 0):
         return
     epoch, tok_s = round(step / run.steps_per_epoch, 4), meter.take()
     run.metrics.write({"step": step, "epoch": epoch, "loss": result.loss, "learning_rate": result.learning_rate,
@@ -123,18 +124,33 @@ def evaluate_and_save(run: Run, stop: StopRequest) -> str:
     return "interrupted" if stopping else stopped
 
 
+def scores(run: Run) -> dict:
+    """This step's evaluation: the held-out loss (where there is an eval split) and MMLU (do_mmlu_eval)."""
+    cfg, res = run.cfg, {}
+    kw = dict(batch_size=cfg.per_device_eval_batch_size, pad_id=run.pad_id, device=run.device, use_bf16=run.use_bf16)
+    if run.eval_ex:
+        res.update(run.hooks.evaluate(run.model, run.eval_ex, packing=run.packing, **kw))
+    if run.mmlu is not None:
+        res.update(mmlu_scores(run.model, run.mmlu, **kw))
+    return res
+
+
 def evaluate(run: Run) -> bool:
     """The held-out loss at this step: a metrics row, a line, the best so far updated. True when early stopping's
     patience has run out."""
     state, cfg = run.state, run.cfg
-    if not run.eval_ex:
+    if not run.eval_ex and run.mmlu is None:
         return False
-    res = run.hooks.evaluate(run.model, run.eval_ex, batch_size=cfg.per_device_eval_batch_size, pad_id=run.pad_id,
-                             packing=run.packing, device=run.device, use_bf16=run.use_bf16)
+    res = scores(run)
     row = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4), **res}
     run.metrics.write(row)
     state.eval_history.append(row)
-    run.bar.write(f"eval at step {state.step}: loss {res['eval_loss']:.4f} perplexity {res['eval_perplexity']:.2f}")
+    shown = [f"loss {res['eval_loss']:.4f} perplexity {res['eval_perplexity']:.2f}"] if "eval_loss" in res else []
+    if run.mmlu is not None:
+        shown.append(f"MMLU {run.mmlu.split} accuracy {res[f'mmlu_{run.mmlu.split}_accuracy']:.4f}")
+    run.bar.write(f"eval at step {state.step}: {', '.join(shown)}")
+    if "eval_loss" not in res:
+        return False
     if state.best_eval_loss is None or res["eval_loss"] < state.best_eval_loss:
         state.best_eval_loss, state.best_step, state.evals_without_improvement = res["eval_loss"], state.step, 0
         return False
@@ -161,7 +177,7 @@ def write_checkpoint(run: Run, adapter: dict, opt_state: dict, rank_rngs: list) 
     """Rank 0's part of ``save``. A failed write ends the run with one line; the previous checkpoint is intact."""
     from safetensors import SafetensorError
 
-    state, out, cfg = run.state, run.out, run.cfg
+    state, out, cfg = run.state, run.ckpt_dir, run.cfg
     try:
         ckpt.save_checkpoint(out, unwrap(run.model), run.optimizer, run.scheduler, state, cfg,
                              adapter_state=adapter, optimizer_state=opt_state, rank_rng_states=rank_rngs)

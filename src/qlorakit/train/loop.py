@@ -15,4 +15,7 @@ __all__ = ["train", "RunResult", "TrainingStopped", "Hooks"]
 def train(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -> RunResult:
     """Train the run ``cfg`` describes. ``hooks``: collaborators to replace (see ``setup.Hooks``)."""
     run = setup(cfg, progress, hooks)
-    return finish(run, fit(run))
+    try:
+        return finish(run, fit(run))
+    finally:
+        run.trackers.finish()  # after an error too (finish has closed them otherwise)

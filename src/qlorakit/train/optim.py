@@ -7,20 +7,23 @@ import math
 import torch
 
 
-def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.Optimizer:
+    """``betas`` and ``eps``: the Adam variants' (adam_beta1, adam_beta2, adam_epsilon); SGD has none."""
     params = list(params)
     if name == "adamw_torch":
         from ..model.cuda import adamw_options
 
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **adamw_options(params))
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
+                                 **adamw_options(params))
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     import bitsandbytes as bnb
 
     if name == "paged_adamw_32bit":
-        return bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=weight_decay)
+        return bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     if name == "paged_adamw_8bit":
-        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay)
+        return bnb.optim.PagedAdamW8bit(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     raise ValueError(f"optim: unknown optimizer {name!r}")
 
 

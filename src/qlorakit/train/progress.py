@@ -71,8 +71,9 @@ def _step(line: str) -> float:
 class Metrics:
     """Appends one JSON object per line to ``metrics.jsonl``; a resumed run truncates rows past its step."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, resume_step: int | None = None, enabled: bool = True, also=None):
+        """``also``: called with each row written too (the run's trackers)."""
+        self.path, self.enabled, self.also = path, enabled, also
         if not enabled:
             return
         if resume_step is None:
@@ -87,6 +88,8 @@ class Metrics:
                 # NaN and inf are not JSON: a skipped non-finite step is written as null
                 clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
                 f.write(json.dumps(clean) + "\n")
+            if self.also is not None:
+                self.also(clean)
 
     def rows(self) -> list[dict]:
         if not self.path.exists():

@@ -87,7 +87,12 @@ def shard_step(step: list[int], rank: int, world_size: int, micro: int, accum: i
 # When the loop logs, evaluates and saves: ``step`` is the number of optimizer steps taken, ``epoch_end`` whether
 # that step finished an epoch.
 
-def should_log(cfg: TrainConfig, step: int, total: int) -> bool:
+def should_log(cfg: TrainConfig, step: int, total: int, epoch_end: bool = False) -> bool:
+    """logging_strategy steps: every logging_steps steps and the last; epoch: at each epoch's end and the last."""
+    if cfg.logging_strategy == "no":
+        return False
+    if cfg.logging_strategy == "epoch":
+        return epoch_end or step == total
     return step % cfg.logging_steps == 0 or step == total
 
 

@@ -35,9 +35,11 @@ from ..model.lora import add_lora, target_modules, trainable_report
 from . import checkpoint as ckpt
 from . import processes, schedule
 from .distributed import load_adapter, load_optimizer, unwrap, wrap_model
+from .mmlu import MMLU, load_mmlu, mmlu_file
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .progress import Metrics, Progress
 from .step import accumulate, supports_packing
+from .tracking import Trackers, require_trackers, start_trackers
 from .validate import eval_loss
 
 log = logging.getLogger("qlorakit")
@@ -78,18 +80,26 @@ class Run:
     hooks: Hooks = field(default_factory=Hooks)
     chunked_loss: bool = False  # the loss by model/loss.py's chunked head (cfg.chunked_loss, decided in setup)
     sources: list[SourceSummary] = field(default_factory=list)  # each data source with the rows it gave (the card)
+    mmlu: MMLU | None = None  # do_mmlu_eval's questions, scored at each evaluation
+    trackers: Trackers = field(default_factory=Trackers)  # report_to's (rank 0)
 
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def ckpt_dir(self) -> Path:
+        """Where checkpoint-STEP folders go: working_dir, or the run directory."""
+        return self.cfg.checkpoint_dir()
+
     def epoch_steps(self, epoch: int) -> list[schedule.ScheduledStep]:
         cfg = self.cfg
         if cfg.max_tokens_per_batch:
-            return schedule.budget_steps(self.train_ex.lengths.tolist(), epoch, seed=cfg.seed,
+            return schedule.budget_steps(self.train_ex.lengths.tolist(), epoch, seed=cfg.data_order_seed(),
                                          budget=cfg.max_tokens_per_batch, accum=cfg.gradient_accumulation_steps,
                                          world_size=self.info.world_size, rank=self.info.rank)
-        return schedule.epoch_steps(len(self.train_ex), epoch, seed=cfg.seed, micro=cfg.per_device_train_batch_size,
+        return schedule.epoch_steps(len(self.train_ex), epoch, seed=cfg.data_order_seed(),
+                                    micro=cfg.per_device_train_batch_size,
                                     accum=cfg.gradient_accumulation_steps, world_size=self.info.world_size,
                                     rank=self.info.rank,
                                     lengths=self.train_ex.lengths.tolist() if cfg.group_by_length else None)
@@ -106,6 +116,21 @@ def load_data(opts: DataOptions, tokenizer, info: processes.DistInfo) -> Prepare
         for line in data.lines:
             log.info(line)
     return data
+
+
+def first_examples(cfg: TrainConfig, train_ex: ExampleSequence, eval_ex: ExampleSequence,
+                   info: processes.DistInfo) -> tuple[ExampleSequence, ExampleSequence]:
+    """qlora's max_train_samples and max_eval_samples: the first N examples of each split (0: all of them), each
+    cut said in a line."""
+    cut = []
+    for key, n, examples in (("max_train_samples", cfg.max_train_samples, train_ex),
+                             ("max_eval_samples", cfg.max_eval_samples, eval_ex)):
+        if n and len(examples) > n:
+            if info.is_main:
+                log.info("%s: the first %d of %d examples (%s)", key.split("_")[1], n, len(examples), key)
+            examples = ExampleSequence(examples.store, examples.positions[:n])
+        cut.append(examples)
+    return cut[0], cut[1]
 
 
 def check_data_sources(opts: DataOptions) -> None:
@@ -128,6 +153,7 @@ def tokenizer_and_data(cfg: TrainConfig, info: processes.DistInfo, resume_path: 
     check_data_sources(opts)
     tokenizer = model_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     data = load_data(opts, tokenizer, info)
+    data.train, data.eval = first_examples(cfg, data.train, data.eval, info)
     base_path = resolve_model_path(cfg.model_name_or_path)  # a GGUF's weights are converted (once) only now
     if resume_path is not None:
         if not ckpt.check_data(resume_path, ckpt.data_record(data)) and info.is_main:
@@ -208,17 +234,20 @@ def log_summary(cfg: TrainConfig, info: processes.DistInfo, model, base_path: st
 
 
 def prepare_output_dir(cfg: TrainConfig, info: processes.DistInfo) -> Path:
-    """The run directory, created; what a run killed inside a save left there is tidied (rank 0)."""
+    """The run directory (and working_dir, where checkpoints go), created; what a run killed inside a save left
+    there is tidied (rank 0)."""
     out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir: {out} is a file, not a directory; give a directory for the run (a new one is "
-                        "created) or move the file away")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # a parent that is a file, no permission
-        raise UserError(f"output_dir: cannot create {out} ({e.strerror}); give a directory you can write to") from None
+    for key, where in (("output_dir", out), ("working_dir", cfg.checkpoint_dir())):
+        if where.exists() and not where.is_dir():
+            raise UserError(f"{key}: {where} is a file, not a directory; give a directory for the run (a new one "
+                            "is created) or move the file away")
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent that is a file, no permission
+            raise UserError(f"{key}: cannot create {where} ({e.strerror}); give a directory you can write "
+                            "to") from None
     if info.is_main:
-        ckpt.recover_partial_saves(out)  # what a run killed inside a save left behind
+        ckpt.recover_partial_saves(cfg.checkpoint_dir())  # what a run killed inside a save left behind
     processes.barrier(info)
     return out
 
@@ -262,9 +291,13 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="qlorakit: %(message)s")
     device = devices.device_for_training()
     out = prepare_output_dir(cfg, info)
+    if info.is_main:
+        require_trackers(cfg.report_to)
+    if cfg.do_mmlu_eval:
+        mmlu_file(cfg.mmlu_dataset, cfg.mmlu_split)  # a missing MMLU file is refused before the model loads
     resume_path = None
     if cfg.resume_from_checkpoint:  # refused before any time goes into loading the model
-        resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, out)
+        resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.checkpoint_dir())
         ckpt.check_resumable(resume_path, cfg)
     check_fsdp_weights(device, cfg.fsdp, cfg.bits, dense_base=cfg.cache_dequantized == "true")
     random.seed(cfg.seed)
@@ -273,6 +306,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     tokenizer, base_path, data = tokenizer_and_data(cfg, info, resume_path)
     train_ex, eval_ex = data.train, data.eval
     model, modules = build_model(cfg, base_path, device)
+    mmlu = load_mmlu(cfg, tokenizer)
     packing = cfg.packing and supports_packing(model)
     if cfg.max_tokens_per_batch and not packing:
         raise UserError(f"max_tokens_per_batch: {type(model.get_base_model()).__name__} takes no position ids, so it "
@@ -295,7 +329,8 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
         log_summary(cfg, info, model, base_path, modules, len(train_ex), total, packing)
     model = wrap_model(model, cfg, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay)
+    optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     scheduler = build_scheduler(optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type)
     cache_lora_casts(unwrap(model), optimizer)  # bf16 copies of the adapters made once per optimizer step
     state = ckpt.TrainState(total_steps=total, world_size=info.world_size)
@@ -306,13 +341,17 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     state.data = ckpt.data_record(data)  # what a resume from this run's checkpoints must match
     if info.is_main:
         save_config(cfg, out / "qlorakit_config.yaml")
-    metrics = Metrics(out / "metrics.jsonl", state.step if resume_path else None, enabled=info.is_main)
-    bar = Progress(total, state.step, cfg.logging_steps, enabled=progress and info.is_main)
-    per_epoch = (len(schedule.budget_steps(lengths, 0, seed=cfg.seed, budget=cfg.max_tokens_per_batch,
+    trackers = start_trackers(cfg, out, info.is_main)  # last: nothing after it can fail and leave them open
+    metrics = Metrics(out / "metrics.jsonl", state.step if resume_path else None, enabled=info.is_main,
+                      also=trackers.log)
+    bar = Progress(total, state.step, cfg.logging_steps if cfg.logging_strategy == "steps" else 1,
+                   enabled=progress and info.is_main)
+    per_epoch = (len(schedule.budget_steps(lengths, 0, seed=cfg.data_order_seed(), budget=cfg.max_tokens_per_batch,
                                            accum=cfg.gradient_accumulation_steps, world_size=info.world_size))
                  if lengths else schedule.steps_per_epoch(len(train_ex), cfg.per_device_train_batch_size,
                                                           cfg.gradient_accumulation_steps, info.world_size))
     return Run(cfg=cfg, info=info, device=device, out=out, model=model, tokenizer=tokenizer, train_ex=train_ex,
                eval_ex=eval_ex, packing=packing, use_bf16=cfg.use_bf16(), params=params, optimizer=optimizer,
                scheduler=scheduler, state=state, total_steps=total, steps_per_epoch=per_epoch, metrics=metrics,
-               bar=bar, hooks=hooks, chunked_loss=chunked, sources=data.sources)
+               bar=bar, hooks=hooks, chunked_loss=chunked, sources=data.sources, mmlu=mmlu,
+               trackers=trackers)
