@@ -1,7 +1,7 @@
 """Two command lines as their authors wrote them, through ``qlorakit train``: the fork's llama-2-70b airoboros example
-(jondurbin/qlora's README) and qlora's scripts/finetune_guanaco_7b.sh. Only the model and the data are swapped for
-the tests' tiny model and local files, and a step cap is added at the end; each honoured flag is checked for its
-effect."""
+(jondurbin/qlora's README; $BASE_DIR/conversations.json is a JSON array of its conversations) and qlora's
+scripts/finetune_guanaco_7b.sh. Only the model (and guanaco's hub dataset) are swapped for the tests' tiny model and
+local files, and a step cap is added at the end; each honoured flag is checked for its effect."""
 
 from __future__ import annotations
 
@@ -82,9 +82,9 @@ def recorded():
 def fork_run(tiny_llama, tmp_path_factory):
     base = tmp_path_factory.mktemp("workspace")
     project = "airoboros-l2-70b-3.0"
-    data = write_jsonl(base / "conversations.jsonl", sharegpt_rows(100))
+    (base / "conversations.json").write_text(json.dumps(sharegpt_rows(100)))  # a JSON array, as the fork reads it
     argv = command(FORK_70B.replace("$BASE_DIR", str(base)).replace("$WANDB_PROJECT", project),
-                   {"--model_name_or_path": str(tiny_llama), "--dataset": str(data)}, cap=75)
+                   {"--model_name_or_path": str(tiny_llama)}, cap=75)
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("WANDB_PROJECT", project)
@@ -94,7 +94,7 @@ def fork_run(tiny_llama, tmp_path_factory):
     finally:
         mp.undo()
     return {"peft": base / f"{project}-peft", "work": base / f"{project}-checkpoints", "merged": base / project,
-            "stderr": err.getvalue(), "log": log, "data": data}
+            "stderr": err.getvalue(), "log": log}
 
 
 def test_fork_command_warns_once_for_each_name_without_effect(fork_run):

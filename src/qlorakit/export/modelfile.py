@@ -7,10 +7,11 @@ where the model starts writing. So a template that is "system head, user turn, r
 reproduces a multi-turn conversation exactly as ``data/templates.py`` rendered it in training.
 
 ``prompt_format.json`` records the format's name, the example conversation rendered with ``{instruction}`` and
-``{response}`` placeholders, and the stop text. For the built-in formats the turn pieces come from that format's
-spec in ``data/templates.py``, used only when it renders the recorded example exactly; otherwise (the ``tokenizer``
-format, or a run made with a different spec) the template is cut from the example itself, which gives the same
-single-turn prompt but repeats any system text on every turn.
+``{response}`` placeholders, the stop text, and the tokenizer's BOS text (llama2 opens each later turn with it).
+For the built-in formats the turn pieces come from that format's spec in ``data/templates.py``, used only when it
+renders the recorded example exactly; otherwise (the ``tokenizer`` format, or a run made with a different spec) the
+template is cut from the example itself, which gives the same single-turn prompt but repeats any system text on
+every turn.
 """
 
 from __future__ import annotations
@@ -86,5 +87,7 @@ def _turn_pieces(record: dict) -> _Turn:
         user = spec.user.split("{content}")
         rendered_head = spec.head.format(system=spec.default_system) if spec.default_system else ""
         if rendered_head + user[0] == prefix and user[1] == middle:
-            return _Turn((head[0], head[1]), (user[0], user[1]), reply_end + spec.after, spec.default_system)
+            between = spec.after_text(record.get("bos", ""))
+            if "{bos}" not in spec.after or "bos" in record:  # a record written before the BOS was recorded
+                return _Turn((head[0], head[1]), (user[0], user[1]), reply_end + between, spec.default_system)
     return _Turn(None, (prefix, middle), reply_end, "")

@@ -58,7 +58,7 @@ def finish(run: Run, outcome: FitOutcome) -> RunResult:
 
 def prompt_format_record(cfg: TrainConfig, tokenizer) -> dict:
     return {"name": cfg.prompt_format, "example": render_text(EXAMPLE, cfg.prompt_format, tokenizer),
-            "stop": stop_text(cfg.prompt_format, tokenizer)}
+            "stop": stop_text(cfg.prompt_format, tokenizer), "bos": tokenizer.bos_token or ""}
 
 
 def plot_loss(metrics: list[dict], path: Path) -> bool:
