@@ -183,10 +183,10 @@ def data_config(argv: list[str], parser: Parser):
 
 def data_main(argv: list[str]) -> int:
     from .data.check import check_file
-    from .model.load import load_tokenizer, resolve_model_path
+    from .model.load import model_tokenizer
 
     cfg = data_config(argv, data_parser())
-    print(check_file(cfg, lambda c: load_tokenizer(resolve_model_path(c.model_name_or_path), c.trust_remote_code)))
+    print(check_file(cfg, lambda c: model_tokenizer(c.model_name_or_path, c.trust_remote_code)))
     return 0
 
 

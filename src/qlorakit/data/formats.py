@@ -29,7 +29,7 @@ class Conversation:
     source: str  # "file:line", for messages about this row
 
 
-FORMATS = ("airoboros", "alpaca", "messages")
+ROW_LAYOUTS = ("airoboros", "alpaca", "messages")
 ALIASES = {"sharegpt": "messages"}  # ShareGPT's conversations/from/value rows are read by the messages parser
 ROLES = ("system", "user", "assistant")
 # The fields each layout reads; a source's ``columns`` mapping renames them to its own column names.

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..resources import SAMPLE_DATASET
-from .formats import ALIASES, FIELDS, FORMATS, DataError
+from .formats import ALIASES, FIELDS, ROW_LAYOUTS, DataError
 
 FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 OPTION_KEYS = ("weight", "max_rows", "format", "split", "subset")
 YAML_KEYS = ("path", *OPTION_KEYS, "columns")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-FORMAT_NAMES = ("auto", *FORMATS, *ALIASES)
+FORMAT_NAMES = ("auto", *ROW_LAYOUTS, *ALIASES)
 
 
 @dataclass(frozen=True)

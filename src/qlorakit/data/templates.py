@@ -52,7 +52,7 @@ class PromptFormat:
         return self.after.replace("{bos}", bos)
 
 
-FORMATS = {
+PROMPT_FORMATS = {
     "airoboros": PromptFormat("airoboros", AIROBOROS_SYSTEM, "{system} ", "USER: {content} ASSISTANT: ", "{eos}"),
     "vicuna": PromptFormat("vicuna", VICUNA_SYSTEM, "{system} ", "USER: {content} ASSISTANT: ", "{eos}"),
     "alpaca": PromptFormat("alpaca", ALPACA_SYSTEM, "{system}\n\n", "### Instruction:\n{content}\n\n### Response:\n",
@@ -64,7 +64,7 @@ FORMATS = {
     "llama2": PromptFormat("llama2", AIROBOROS_CHAT_SYSTEM, "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n",
                            "{content} [/INST] ", "{eos}", "{bos}[INST] ", "[INST] "),
 }
-NAMES = (*FORMATS, "tokenizer")
+NAMES = (*PROMPT_FORMATS, "tokenizer")
 
 
 def _system_of(messages: tuple[Message, ...], fmt: PromptFormat) -> tuple[str, tuple[Message, ...]]:
@@ -83,7 +83,7 @@ def render_segments(messages: tuple[Message, ...] | list[Message], fmt_name: str
     messages = tuple(messages)
     if fmt_name == "tokenizer":
         return _tokenizer_segments(messages, tokenizer, add_generation_prompt)
-    fmt = FORMATS[fmt_name]
+    fmt = PROMPT_FORMATS[fmt_name]
     system, turns = _system_of(messages, fmt)
     head = fmt.head.format(system=system) if system else fmt.bare_head
     segments = [Segment(head, False)] if head else []
@@ -136,7 +136,7 @@ def stop_text(fmt_name: str, tokenizer) -> str:
     """The text that ends a reply in this format (generation stops on it)."""
     if fmt_name == "tokenizer":
         return tokenizer.eos_token or ""
-    return FORMATS[fmt_name].end_text(tokenizer.eos_token or "")
+    return PROMPT_FORMATS[fmt_name].end_text(tokenizer.eos_token or "")
 
 
 def _split(template: str, slot: str) -> tuple[str, str]:
@@ -149,7 +149,7 @@ def chat_template(fmt_name: str, tokenizer) -> str:
     ``apply_chat_template(..., add_generation_prompt=True)`` gives the prompt the model was trained to continue."""
     if fmt_name == "tokenizer":
         return tokenizer.chat_template
-    fmt = FORMATS[fmt_name]
+    fmt = PROMPT_FORMATS[fmt_name]
     q = lambda s: repr(s)  # noqa: E731  (a Python string literal is a valid Jinja string literal here)
     head_pre, head_post = _split(fmt.head, "{system}")
     user_pre, user_post = _split(fmt.user, "{content}")

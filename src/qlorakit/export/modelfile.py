@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from ..data.templates import FORMATS
+from ..data.templates import PROMPT_FORMATS
 
 __all__ = ["write_modelfile", "modelfile_text", "modelfile_path"]
 
@@ -81,7 +81,7 @@ def _turn_pieces(record: dict) -> _Turn:
                          "one {instruction} and then one {response}, and no '{{'.")
     prefix, rest = example.split("{instruction}")
     middle, reply_end = rest.split("{response}")
-    spec = FORMATS.get(record["name"])
+    spec = PROMPT_FORMATS.get(record["name"])
     if spec is not None:
         head = spec.head.split("{system}")
         user = spec.user.split("{content}")

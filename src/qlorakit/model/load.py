@@ -105,12 +105,25 @@ def warn_remote_code(path: str) -> None:
                 f" ({', '.join(files)})" if files else "")
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def model_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of the model ``model_name_or_path`` names, without loading its weights: a GGUF's (the embedded
+    default's too) is read from the file itself, so bad data is reported before the one-time conversion of the
+    weights, and every run of that GGUF tokenizes (and fingerprints its data cache) with the same tokenizer."""
+    p = Path(name).expanduser()
+    gguf = default_gguf() if name == DEFAULT_MODEL else p if p.suffix == ".gguf" else None
+    if gguf is None:
+        return load_tokenizer(resolve_model_path(name), trust_remote_code)
+    if not gguf.is_file():
+        raise ModelError(f"model_name_or_path: {name} does not exist")
+    return load_tokenizer(str(gguf.parent), trust_remote_code, gguf_file=gguf.name)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     if trust_remote_code:
         warn_remote_code(path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id works; reuse EOS, as most tools do.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)

@@ -23,12 +23,18 @@ def all_linear_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def parse_lora_modules(lora_modules: str, available: list[str]) -> tuple[list[str], list[str]]:
+    """The ``--lora_modules`` value read against the linear layer names ``available``: (the wanted names, the
+    unknown ones). 'all' is every available name; the model and the memory planner both read it here."""
+    if lora_modules.strip() == "all":
+        return list(available), []
+    wanted = [m.strip() for m in lora_modules.split(",") if m.strip()]
+    return wanted, [m for m in wanted if m not in available] or ([] if wanted else [repr(lora_modules)])
+
+
 def target_modules(model: nn.Module, lora_modules: str) -> list[str]:
     available = all_linear_names(model)
-    if lora_modules.strip() == "all":
-        return available
-    wanted = [m.strip() for m in lora_modules.split(",") if m.strip()]
-    unknown = [m for m in wanted if m not in available]
+    wanted, unknown = parse_lora_modules(lora_modules, available)
     if unknown:
         raise UserError(f"lora_modules: {', '.join(unknown)} not found in this model; its linear layers are "
                          f"{', '.join(available)}")

@@ -163,11 +163,10 @@ def dequant_buffer_bytes(arch: Architecture, bits: int, dtype_bytes: int) -> int
 
 def lora_targets(arch: Architecture, lora_modules: str) -> tuple[Linear, ...]:
     """The adapted linear layers: 'all', or a comma-separated list of names (as qlorakit's --lora_modules)."""
-    if lora_modules.strip() == "all":
-        return arch.linears
-    wanted = [name.strip() for name in lora_modules.split(",") if name.strip()]
+    from .lora import parse_lora_modules
+
     names = [lin.name for lin in arch.linears]
-    unknown = [name for name in wanted if name not in names] or ([] if wanted else [repr(lora_modules)])
+    wanted, unknown = parse_lora_modules(lora_modules, names)
     if unknown:
         raise UserError(f"lora_modules: {', '.join(unknown)} is not a linear layer of {arch.family}, use 'all' or "
                         f"some of {','.join(names)}")

@@ -29,7 +29,7 @@ from ..model.attention import packed_attention_backend, use_packed_attention
 from ..model.cuda import check_fsdp_weights
 from ..model.fused_lora import cache_lora_casts
 from ..model.loss import supports_chunked_loss
-from ..model.load import (apply_cache_dequantized, enable_gradient_checkpointing, load_base_for_run, load_tokenizer,
+from ..model.load import (apply_cache_dequantized, enable_gradient_checkpointing, load_base_for_run, model_tokenizer,
                           resolve_model_path)
 from ..model.lora import add_lora, target_modules, trainable_report
 from . import checkpoint as ckpt
@@ -151,10 +151,10 @@ def tokenizer_and_data(cfg: TrainConfig, info: processes.DistInfo, resume_path: 
     that would end before its checkpoint cost no model loading."""
     opts = DataOptions.from_config(cfg)  # a malformed dataset spec, in one line
     check_data_sources(opts)
-    base_path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer = load_tokenizer(base_path, cfg.trust_remote_code)
+    tokenizer = model_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     data = load_data(opts, tokenizer, info)
     data.train, data.eval = first_examples(cfg, data.train, data.eval, info)
+    base_path = resolve_model_path(cfg.model_name_or_path)  # a GGUF's weights are converted (once) only now
     if resume_path is not None:
         if not ckpt.check_data(resume_path, ckpt.data_record(data)) and info.is_main:
             log.info("%s records no data fingerprint (an older qlorakit wrote it): the data is not checked against "
