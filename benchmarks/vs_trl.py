@@ -68,7 +68,8 @@ V * d = head size:
 Dequantizing the 4-bit weights, norms, activations, softmax and the optimizer are not counted. The kernels may do
 more than this count (TRL's attention also covers the padding of its batches).
 
-Results: a Markdown table per workload on stdout, and benchmarks/results/vs_trl-<workload>.json. Run directories
+Results: a Markdown table per workload on stdout, and benchmarks/results/vs_trl-<workload>.json (with --bf16:
+vs_trl-<workload>-bf16.json, so the two precisions' tables stand side by side). Run directories
 and child logs go to runs/vs_trl/<workload>/. Nothing is downloaded (HF_HUB_OFFLINE=1, report_to="none").
 """
 
@@ -713,7 +714,7 @@ def main(argv=None) -> int:
         res.update({"command": command, "model": model_dir, "matmul_peaks": peaks, "model_shape": shape,
                     "job": JOB, "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
                     "machine": {"processor": cpu, "cpus": os.cpu_count()}, "markdown": text})
-        path = results_dir / f"vs_trl-{name}.json"
+        path = results_dir / f"vs_trl-{name}{'-bf16' if bf16 else ''}.json"
         path.write_text(json.dumps(res, indent=2, default=str) + "\n", encoding="utf-8")
         print(f"\n{text}\n\nwritten: {path}", flush=True)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from qlorakit.model.fused_lora import keep_mask
+from qlorakit.model.fused_lora import KeepMaskDropout, keep_mask, mask_bits, mask_rate
 from qlorakit.model.load import load_base_model
 from qlorakit.model.lora import add_lora, target_modules
 
@@ -77,14 +77,26 @@ def test_fused_branch_falls_back_with_adapters_disabled(tiny_llama):
         torch.testing.assert_close(model(input_ids=ids).logits, base)
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5])
+@pytest.mark.parametrize("p", [0.05, 0.5, 1e-4])
 def test_keep_mask_law(p):
     n = 2_000_000
     kept = keep_mask(torch.Size([n]), p, torch.device("cpu")).double().mean().item()
-    assert abs(kept - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)
+    assert abs(kept - (1 - mask_rate(p))) < 5 * math.sqrt(p * (1 - p) / n)
     a, b = (keep_mask(torch.Size([1000, 64]), p, torch.device("cpu")) for _ in range(2))
     assert not torch.equal(a, b)  # fresh draws each call
     assert keep_mask(torch.Size([4096]), 0.0, torch.device("cpu")).all()
+
+
+def test_mask_rate_is_the_asked_rate_to_its_bits():
+    """16 random bits where they give the rate to 0.1%, else 32; the applied rate is what the scale divides by."""
+    assert mask_bits(0.05) == 16 and mask_rate(0.05) == 3277 / 2 ** 16
+    assert mask_bits(0.1) == 16 and abs(mask_rate(0.1) - 0.1) < 1e-3 * 0.1
+    assert mask_bits(1e-4) == 32 and abs(mask_rate(1e-4) - 1e-4) < 1e-9  # 7 / 65536 would be 7% off
+    x = torch.ones(4096, 64)
+    drop = KeepMaskDropout(0.05).train()
+    out = drop(x)
+    values = out.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - mask_rate(0.05)), rel=1e-7)
 
 
 def test_dropout_mask_is_the_same_in_forward_backward_and_recompute(tiny_llama):
