@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from ..data.batching import collate, collate_varlen, to_device
 from ..data.tokenize import IGNORE
 from ..errors import UserError
-from ..model.loss import loss_sum_chunked
+from ..model.loss import causal_lm, loss_sum_chunked
 from . import checkpoint as ckpt
 from . import processes
-from .distributed import unwrap
 from .schedule import ScheduledStep
 
 if TYPE_CHECKING:
@@ -41,14 +40,8 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _causal_lm(model):
-    """The transformers model under peft/DDP/FSDP wrappers."""
-    inner = unwrap(model)
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
 def accepts(model, arg: str) -> bool:
-    return arg in _forward_params(type(_causal_lm(model)))
+    return arg in _forward_params(type(causal_lm(model)))
 
 
 @functools.lru_cache(maxsize=None)
