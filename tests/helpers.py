@@ -119,3 +119,23 @@ def random_examples(lengths, vocab: int = 320, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     rows = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
     return [Example(r, list(r)) for r in rows]
+
+
+def lora_model(base, dropout: float, fused: bool):
+    """``base`` with LoRA r 4 on every linear layer, in train mode, lora_B drawn small (so the branch is not 0):
+    through the fused branch (``fused``), or with every fused layer put back on peft's own forward."""
+    from qlorakit.model.fused_lora import fusable_classes
+    from qlorakit.model.lora import add_lora, target_modules
+
+    model = add_lora(base, r=4, alpha=8, dropout=dropout, modules=target_modules(base, "all"), seed=0)
+    layers = [m for m in model.modules() if type(m) in fusable_classes()]
+    assert layers and all("forward" in vars(m) for m in layers)  # add_lora routed every layer through the fusion
+    if not fused:
+        for m in layers:
+            del m.forward  # back to the class's own forward (peft's lora.Linear or lora.Linear4bit)
+    gen = torch.Generator().manual_seed(7)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05, generator=gen)
+    model.train()
+    return model

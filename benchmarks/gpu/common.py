@@ -3,6 +3,7 @@ the FLOP count and the timing summary. Imports nothing heavy at module level; ea
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -90,6 +91,64 @@ def summarize(step_ends: list[float], t_start: float, steps, warmup: int) -> dic
     tokens = sum(step_tokens(s) for s in measured)
     return {"tokens_per_second": tokens / seconds, "measured_steps": len(measured), "measured_seconds": seconds,
             "measured_tokens": tokens, "step_seconds": [b - a for a, b in zip([t_start] + step_ends, step_ends)]}
+
+
+def job_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every part that trains takes: --model, --out, --device, --tiny."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="the CPU dry run's short job")
+    return p
+
+
+class StepClock:
+    """One tool's timed run: ``start`` before the first step, ``step_done`` after every step (PART.json is rewritten
+    each time, so a hang leaves what was done), ``finish`` after the last. Keeps the timing, the peak memory and the
+    FLOP rate in ``result``, the same way for every tool."""
+
+    def __init__(self, args, tool: str):
+        from transformers import AutoConfig
+
+        self.t_start = time.perf_counter()
+        self.args, self.job = args, job_for(args.tiny)
+        self.steps = packed_steps(AutoConfig.from_pretrained(args.model).vocab_size, self.job)
+        self.result = {"tool": tool, "device": args.device, "versions": versions(), "job": self.job}
+        self.ends: list[float] = []
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        import torch
+
+        from qlorakit.model.cuda import reset_peak_memory
+
+        self.result["setup_seconds"] = time.perf_counter() - self.t_start
+        reset_peak_memory(torch.device(self.args.device))
+        self.t0 = now(self.args.device)
+
+    def step_done(self, losses: list[float]) -> None:
+        import torch
+
+        from qlorakit.model.cuda import peak_memory
+
+        self.ends.append(now(self.args.device))
+        self.result.update(losses=losses, step0_loss=losses[0] if losses else None,
+                           **peak_memory(torch.device(self.args.device)),
+                           **summarize(self.ends, self.t0, self.steps, self.job["warmup_steps"]))
+        write_json(self.args.out, self.result)
+
+    def finish(self, **more) -> dict:
+        """The whole run's figures (``more`` added), written to PART.json; returns the result."""
+        r, warmup = self.result, self.job["warmup_steps"]
+        flops = useful_flops(self.args.model, self.steps[warmup:], self.job["lora_r"])
+        r |= more | {"useful_flops_per_second": flops / r["measured_seconds"],
+                     "tokens_per_step": [step_tokens(s) for s in self.steps],
+                     "wall_seconds": time.perf_counter() - self.t_start}
+        if "peak_allocated_gib" in r:
+            r["peak_memory_gib"] = r["peak_allocated_gib"]
+        write_json(self.args.out, r)
+        return r
 
 
 def sync(device: str) -> None:

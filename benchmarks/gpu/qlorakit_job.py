@@ -10,10 +10,7 @@ backward, clip, optimizer step. Writes PART.json when done (and after every step
 
 from __future__ import annotations
 
-import argparse
-import time
-
-from common import job_for, now, packed_steps, step_tokens, summarize, useful_flops, versions, write_json
+from common import StepClock, job_parser
 
 
 def build(model_dir: str, job: dict, device, checkpointing: bool):
@@ -72,39 +69,21 @@ def train_step(model, optimizer, params, step, device, max_grad_norm: float) -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--tiny", action="store_true", help="the CPU dry run's short job")
+    p = job_parser(__doc__)
     p.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
     args = p.parse_args(argv)
-    t_start = time.perf_counter()
     import torch
-    from transformers import AutoConfig
 
-    from qlorakit.model.cuda import peak_memory, reset_peak_memory
-
-    job = job_for(args.tiny)
-    device = torch.device(args.device)
-    steps = packed_steps(AutoConfig.from_pretrained(args.model).vocab_size, job)
-    result = {"tool": "qlorakit", "device": args.device, "versions": versions(), "job": job}
+    clock = StepClock(args, "qlorakit")
+    job, device = clock.job, torch.device(args.device)
     model, optimizer, params, info = build(args.model, job, device, not args.no_checkpointing)
-    result |= info | {"setup_seconds": time.perf_counter() - t_start}
-    reset_peak_memory(device)
-    losses, ends, t0 = [], [], now(args.device)
-    for step in steps:
+    clock.result |= info
+    clock.start()
+    losses = []
+    for step in clock.steps:
         losses.append(train_step(model, optimizer, params, step, device, job["max_grad_norm"]))
-        ends.append(now(args.device))
-        result |= {"losses": losses, "step0_loss": losses[0], **peak_memory(device),
-                   **summarize(ends, t0, steps, job["warmup_steps"])}
-        write_json(args.out, result)
-    flops = useful_flops(args.model, steps[job["warmup_steps"]:], job["lora_r"])
-    result |= {"useful_flops_per_second": flops / result["measured_seconds"],
-               "tokens_per_step": [step_tokens(s) for s in steps], "wall_seconds": time.perf_counter() - t_start}
-    if "peak_allocated_gib" in result:
-        result["peak_memory_gib"] = result["peak_allocated_gib"]
-    write_json(args.out, result)
+        clock.step_done(losses)
+    result = clock.finish()
     print(f"qlorakit: {result['tokens_per_second']:.0f} tokens/s, step-0 loss {losses[0]:.4f}, "
           f"peak {result.get('peak_memory_gib', 'n/a')} GiB, attention {info['attention']}, loss {info['loss']}",
           flush=True)

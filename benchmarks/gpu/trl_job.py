@@ -13,11 +13,9 @@ kernels; TRL keeps its own chunked LM head).
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 
-from common import job_for, now, packed_steps, step_tokens, summarize, useful_flops, versions, write_json
+from common import StepClock, job_parser
 
 
 def dataset_of(steps):
@@ -57,26 +55,16 @@ def make_trainer(args, job, steps):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cuda")
+    p = job_parser(__doc__)
     p.add_argument("--liger", action="store_true", help="TRL's use_liger_kernel")
-    p.add_argument("--tiny", action="store_true", help="the CPU dry run's short job")
     p.add_argument("--stock-adapter-dtype", action="store_true", help="keep TRL's bf16 LoRA weights")
     args = p.parse_args(argv)
-    t_start = time.perf_counter()
-    import torch
-    from transformers import AutoConfig, TrainerCallback
+    from transformers import TrainerCallback
 
-    from qlorakit.model.cuda import peak_memory, reset_peak_memory
-
-    job = job_for(args.tiny)
-    device = torch.device(args.device)
-    steps = packed_steps(AutoConfig.from_pretrained(args.model).vocab_size, job)
     tool = "trl_liger" if args.liger else "trl"
-    result = {"tool": tool, "device": args.device, "versions": versions(), "job": job}
-    trainer = make_trainer(args, job, steps)
+    clock = StepClock(args, tool)
+    result = clock.result
+    trainer = make_trainer(args, clock.job, clock.steps)
     result["adapter_dtype_after_trl"] = sorted({str(q.dtype) for q in trainer.model.parameters() if q.requires_grad})
     if not args.stock_adapter_dtype:
         for q in trainer.model.parameters():
@@ -84,32 +72,18 @@ def main(argv=None) -> int:
                 q.data = q.data.float()
     result["adapter_dtype_trained"] = sorted({str(q.dtype) for q in trainer.model.parameters() if q.requires_grad})
     result["attention"] = trainer.model.config._attn_implementation
-    ends: list[float] = []
-    clock = {}
 
     class Timer(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
-            reset_peak_memory(device)
-            clock["t0"] = now(args.device)
+            clock.start()
 
         def on_step_end(self, a, state, control, **kw):
-            ends.append(now(args.device))
-            losses = [h["loss"] for h in state.log_history if "loss" in h]
-            result.update(losses=losses, step0_loss=losses[0] if losses else None, **peak_memory(device),
-                          **summarize(ends, clock["t0"], steps, job["warmup_steps"]))
-            write_json(args.out, result)
+            clock.step_done([h["loss"] for h in state.log_history if "loss" in h])
 
     trainer.add_callback(Timer())
-    result["setup_seconds"] = time.perf_counter() - t_start
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    flops = useful_flops(args.model, steps[job["warmup_steps"]:], job["lora_r"])
-    result |= {"losses": losses, "step0_loss": losses[0], "steps_done": trainer.state.global_step,
-               "useful_flops_per_second": flops / result["measured_seconds"],
-               "tokens_per_step": [step_tokens(s) for s in steps], "wall_seconds": time.perf_counter() - t_start}
-    if "peak_allocated_gib" in result:
-        result["peak_memory_gib"] = result["peak_allocated_gib"]
-    write_json(args.out, result)
+    clock.finish(losses=losses, step0_loss=losses[0], steps_done=trainer.state.global_step)
     print(f"{tool}: {result['tokens_per_second']:.0f} tokens/s, step-0 loss {losses[0]:.4f}, "
           f"peak {result.get('peak_memory_gib', 'n/a')} GiB, attention {result['attention']}", flush=True)
     return 0

@@ -89,6 +89,7 @@ QLORA_KEYS = frozenset(f.name for f in dataclasses.fields(QloraKeys))
 
 
 GENERATION = "a setting of qlora's predict step; 'qlorakit chat' and 'qlorakit generate' take their own"
+PREDICT = "after training, answer a JSONL of prompts with 'qlorakit generate RUN_DIR --input FILE --output FILE'"
 
 
 def _generation(boolean: bool = False) -> Alias:
@@ -135,10 +136,8 @@ ALIASES: dict[str, Alias] = {
                        "--nproc N)"),
     "full_finetune": Alias("refused", "qlora", "qlorakit trains LoRA adapters; for a 16-bit base use --bits 16, and "
                            "a larger --lora_r to train more", True),
-    "do_predict": Alias("refused", "Trainer", "after training, answer a JSONL of prompts with 'qlorakit generate "
-                        "RUN_DIR --input FILE --output FILE'", True),
-    "predict_with_generate": Alias("refused", "Trainer", "after training, answer a JSONL of prompts with 'qlorakit "
-                                   "generate RUN_DIR --input FILE --output FILE'", True),
+    "do_predict": Alias("refused", "Trainer", PREDICT, True),
+    "predict_with_generate": Alias("refused", "Trainer", PREDICT, True),
     "fp16": Alias("refused", "Trainer", "qlorakit computes in bfloat16 or float32: use --bf16 true (or --bf16 false "
                   "for float32 on a GPU without bfloat16)", True),
 }

@@ -54,6 +54,10 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                                      "compute): true, false, or auto = on only where the activations of the largest "
                                      "micro-batch would take over half the free memory of the device.",
                                      ("auto", "true", "false"))
+    offload_activations: bool = _f(False, "Keep the tensors a micro-batch's forward saves for backward in host "
+                                   "memory (pinned on CUDA) until backward needs them (torch's save_on_cpu): less "
+                                   "device memory for more host-device copies. With gradient checkpointing these "
+                                   "are each layer's input and the head's tensors. The numbers do not change.")
     cache_dequantized: str = _f("auto", "Dequantize the 4/8-bit base weights once and reuse them (numerically "
                                 "identical, more memory, much less work per step): true, false, or auto = on a "
                                 "CPU when they take under a quarter of the free memory.", ("auto", "true", "false"))

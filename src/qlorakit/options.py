@@ -140,14 +140,24 @@ def _looks_like_option(arg: str) -> bool:
 # --- value types: each failure reads "argument --key: <what is wrong>" -----------------------------------------
 
 
-def integer(text: str) -> int:
+def _value(text: str, cast, noun: str, ok=None, rule: str = ""):
+    """``text`` as ``cast`` reads it; text it cannot read fails with "'TEXT' is not NOUN", a value that fails ``ok``
+    with "RULE, got 'TEXT'"."""
     try:
-        return int(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+    if ok is not None and not ok(value):  # a NaN fails every bound
+        raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+    return value
+
+
+def integer(text: str) -> int:
+    return _value(text, int, "an integer")
 
 
 def positive_integer(text: str) -> int:
+    """A count: one message for both mistakes (not a whole number, or below 1)."""
     try:
         value = int(text)
     except ValueError:
@@ -158,31 +168,19 @@ def positive_integer(text: str) -> int:
 
 
 def non_negative_integer(text: str) -> int:
-    value = integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-    return value
+    return _value(text, int, "an integer", lambda v: v >= 0, "must be 0 or more")
 
 
 def number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    return _value(text, float, "a number")
 
 
 def positive_number(text: str) -> float:
-    value = number(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
-    return value
+    return _value(text, float, "a number", lambda v: v > 0, "must be above 0")
 
 
 def non_negative_number(text: str) -> float:
-    value = number(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-    return value
+    return _value(text, float, "a number", lambda v: v >= 0, "must be 0 or more")
 
 
 def boolean(text: str) -> bool:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from helpers import lora_model
 from qlorakit.model.fused_lora import KeepMaskDropout, keep_mask, mask_bits, mask_rate
 from qlorakit.model.load import load_base_model
-from qlorakit.model.lora import add_lora, target_modules
 
 pytestmark = pytest.mark.numerics  # rerun on AVX2 kernels where the CPU has AVX512
 
@@ -22,17 +22,8 @@ def _model(path, dropout: float, fused: bool, checkpointing: bool = False):
     base = load_base_model(str(path), bits=16, bf16=False, device=torch.device("cpu"))
     if checkpointing:
         enable_gradient_checkpointing(base)
-    model = add_lora(base, r=4, alpha=8, dropout=dropout, modules=target_modules(base, "all"), seed=0)
-    layers = [m for m in model.modules() if type(m) is LoraLinear]
-    assert layers and all("forward" in vars(m) for m in layers)  # add_lora routed every layer through the fusion
-    if not fused:
-        for m in layers:
-            del m.forward  # back to peft's own LoraLinear.forward
-    gen = torch.Generator().manual_seed(7)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05, generator=gen)
-    model.train()
+    model = lora_model(base, dropout, fused)
+    assert any(type(m) is LoraLinear for m in model.modules())
     return model
 
 

@@ -8,9 +8,9 @@ import contextlib
 import pytest
 import torch
 
+from helpers import lora_model
 from qlorakit.model.fused_lora import cache_lora_casts, fusable_classes
 from qlorakit.model.load import enable_gradient_checkpointing, load_base_model
-from qlorakit.model.lora import add_lora, target_modules
 
 pytestmark = pytest.mark.numerics  # rerun on AVX2 kernels where the CPU has AVX512
 
@@ -18,22 +18,13 @@ IDS = torch.arange(5, 70)[None]
 
 
 def _model(path, dropout: float, fused: bool, bf16: bool, checkpointing: bool = False, device: str = "cpu"):
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
     base = load_base_model(str(path), bits=4, bf16=bf16, device=torch.device(device))
     if checkpointing:
         enable_gradient_checkpointing(base)
-    model = add_lora(base, r=4, alpha=8, dropout=dropout, modules=target_modules(base, "all"), seed=0)
-    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
-
-    layers = [m for m in model.modules() if type(m) is LoraLinear4bit]
-    assert layers and all("forward" in vars(m) for m in layers)  # every 4-bit LoRA layer is fused
-    if not fused:
-        for m in layers:
-            del m.forward  # back to peft's own Linear4bit.forward
-    gen = torch.Generator().manual_seed(7)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05, generator=gen)
-    model.train()
+    model = lora_model(base, dropout, fused)
+    assert any(type(m) is LoraLinear4bit for m in model.modules())  # the 4-bit layers are the ones under test
     return model
 
 

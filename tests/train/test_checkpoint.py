@@ -47,14 +47,10 @@ def wait_until(ready, proc: subprocess.Popen, log: Path, timeout: float = 300) -
         time.sleep(0.005)
 
 
-def test_resume_after_sigkill_is_exact(tiny_llama, tmp_path):
-    """Killed right after checkpoint-4 (mid-epoch: 12 rows, 6 steps per epoch), resumed with 'latest': the adapter
-    and every logged loss equal those of an uninterrupted run (dropout RNG, data position, schedule and AdamW
-    state all restored)."""
-    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(12))
-    common = ["--model_name_or_path", str(tiny_llama), "--dataset", str(data), *RESUME]
-    killed, log = tmp_path / "killed", tmp_path / "killed.log"
-    proc = start_train([*common, "--output_dir", str(killed)], log)
+def kill_after_checkpoint_4(args: list[str], killed: Path, log: Path) -> dict:
+    """Train ARGS into ``killed`` in a child process and SIGKILL it as soon as checkpoint-4 is written; checks that it
+    died there (step 4 of epoch 0, no checkpoint-8) and returns checkpoint-4's trainer_state.json."""
+    proc = start_train([*args, "--output_dir", str(killed)], log)
     try:
         wait_until(lambda: (killed / "checkpoint-4" / "trainer_state.json").exists(), proc, log)
         proc.send_signal(signal.SIGKILL)
@@ -62,20 +58,38 @@ def test_resume_after_sigkill_is_exact(tiny_llama, tmp_path):
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]  # killed, not finished
-    assert not (killed / "adapter_model.safetensors").exists() and not (killed / "checkpoint-8").exists()
+    assert not (killed / "checkpoint-8").exists()
     state = json.loads((killed / "checkpoint-4" / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["step_in_epoch"]) == (4, 0, 4)
+    return state
 
-    assert main(["train", *common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"]) == 0
-    full = tmp_path / "full"
-    assert main(["train", *common, "--output_dir", str(full)]) == 0
 
+def assert_resumed_like_full(killed: Path, full: Path) -> None:
+    """The resumed run's adapter and its logged losses and learning rates, one row per step, equal the uninterrupted
+    run's."""
     assert rel_diff(adapter(full, only_b=True), adapter(killed, only_b=True)) < 1e-3  # B starts at 0: all learned
     assert rel_diff(adapter(full), adapter(killed)) < 1e-3
     resumed = read_metrics(killed, "loss")
     assert [r["step"] for r in resumed] == list(range(1, 9))  # one row per step, none twice
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in read_metrics(full)], rel=1e-5)
     assert [r["learning_rate"] for r in resumed] == pytest.approx([r["learning_rate"] for r in read_metrics(full)])
+
+
+def test_resume_after_sigkill_is_exact(tiny_llama, tmp_path):
+    """Killed right after checkpoint-4 (mid-epoch: 12 rows, 6 steps per epoch), resumed with 'latest': the adapter
+    and every logged loss equal those of an uninterrupted run (dropout RNG, data position, schedule and AdamW
+    state all restored)."""
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(12))
+    common = ["--model_name_or_path", str(tiny_llama), "--dataset", str(data), *RESUME]
+    killed, log = tmp_path / "killed", tmp_path / "killed.log"
+    kill_after_checkpoint_4(common, killed, log)
+    assert not (killed / "adapter_model.safetensors").exists()
+
+    assert main(["train", *common, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"]) == 0
+    full = tmp_path / "full"
+    assert main(["train", *common, "--output_dir", str(full)]) == 0
+
+    assert_resumed_like_full(killed, full)
 
 
 def write_mixture(tmp_path: Path) -> str:
@@ -98,17 +112,8 @@ def test_resume_after_sigkill_from_a_mixture_is_exact(tiny_llama, tmp_path, capl
 
     common = ["--model_name_or_path", str(tiny_llama), "--dataset", write_mixture(tmp_path), *RESUME]
     killed, log = tmp_path / "killed", tmp_path / "killed.log"
-    proc = start_train([*common, "--output_dir", str(killed)], log)
-    try:
-        wait_until(lambda: (killed / "checkpoint-4" / "trainer_state.json").exists(), proc, log)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
-    assert "mixture: " in log.read_text() and not (killed / "checkpoint-8").exists()
-    state = json.loads((killed / "checkpoint-4" / "trainer_state.json").read_text())
-    assert (state["step"], state["epoch"], state["step_in_epoch"]) == (4, 0, 4)
+    state = kill_after_checkpoint_4(common, killed, log)
+    assert "mixture: " in log.read_text()
     assert state["data"]["train_examples"] == 12 and len(state["data"]["fingerprint"]) == 32
 
     with caplog.at_level(logging.INFO, logger="qlorakit"):
@@ -118,11 +123,7 @@ def test_resume_after_sigkill_from_a_mixture_is_exact(tiny_llama, tmp_path, capl
     full = tmp_path / "full"
     assert main(["train", *common, "--output_dir", str(full)]) == 0
 
-    assert rel_diff(adapter(full, only_b=True), adapter(killed, only_b=True)) < 1e-3
-    assert rel_diff(adapter(full), adapter(killed)) < 1e-3
-    resumed = read_metrics(killed, "loss")
-    assert [r["step"] for r in resumed] == list(range(1, 9))
-    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in read_metrics(full)], rel=1e-5)
+    assert_resumed_like_full(killed, full)
 
 
 def test_resume_with_other_data_is_refused_in_one_line(tiny_llama, tmp_path, capsys, caplog):

@@ -129,8 +129,8 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
 
 def causal_lm(model):
-    """The transformers model under peft/DDP wrappers."""
-    inner = getattr(model, "module", model)
+    """The transformers model under the peft and DDP wrappers (FSDP2 shards in place and adds no wrapper)."""
+    inner = getattr(model, "module", model)  # DDP's wrapper (train.distributed.unwrap, which this layer cannot import)
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 

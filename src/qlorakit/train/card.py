@@ -115,7 +115,7 @@ def hyperparameter_rows(cfg: TrainConfig) -> list[str]:
     keys = ["num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
             "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "lora_r",
             "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant", "bf16",
-            "gradient_checkpointing", "model_max_len", "train_on_source", "packing", "seed"]
+            "gradient_checkpointing", "offload_activations", "model_max_len", "train_on_source", "packing", "seed"]
     return [f"| {k} | {getattr(cfg, k)} |" for k in keys]
 
 
@@ -141,7 +141,21 @@ def results_section(metrics: list[dict], best_step: int | None, stopped: str) ->
         lines.append("No evaluation split was used (set `eval_dataset_size` or `eval_dataset` to measure one).")
     if stopped == "early_stopping":
         lines.append("The run stopped early: the eval loss stopped improving (`early_stopping_patience`).")
-    return lines + mmlu_lines(metrics)
+    return lines + memory_lines(metrics) + mmlu_lines(metrics)
+
+
+def memory_lines(metrics: list[dict]) -> list[str]:
+    """The training's peak GPU memory, the highest of its metrics rows (a resumed run's rows come from two
+    processes); nothing for a run whose rows hold none (a CPU run)."""
+    peaks = {k: max((m[k] for m in metrics if m.get(k) is not None), default=None)
+             for k in ("peak_allocated_gib", "peak_reserved_gib")}
+    if peaks["peak_allocated_gib"] is None:
+        return []
+    reserved = peaks["peak_reserved_gib"]
+    return ["", f"Peak GPU memory in training: {peaks['peak_allocated_gib']:.2f} GiB allocated"
+            + (f", {reserved:.2f} GiB reserved" if reserved is not None else "")
+            + " (PyTorch's CUDA allocator on the main process's device, from the first step on; loading the model "
+            "is not counted)."]
 
 
 def mmlu_lines(metrics: list[dict]) -> list[str]:

@@ -104,10 +104,11 @@ def log_step(run: Run, result: StepResult, meter: Throughput) -> None:
     if not should_log(run.cfg, step, run.total_steps, epoch_end=run.state.step_in_epoch == 0):
         return
     epoch, tok_s = round(step / run.steps_per_epoch, 4), meter.take()
-    run.metrics.write({"step": step, "epoch": epoch, "loss": result.loss, "learning_rate": result.learning_rate,
-                       "grad_norm": result.grad_norm, "tokens_per_second": tok_s,
-                       "trained_tokens": result.trained_tokens} | peak_memory(run.device))
-    run.bar.update(step, epoch, result.loss, result.learning_rate, tok_s)
+    row = {"step": step, "epoch": epoch, "loss": result.loss, "learning_rate": result.learning_rate,
+           "grad_norm": result.grad_norm, "tokens_per_second": tok_s,
+           "trained_tokens": result.trained_tokens} | peak_memory(run.device)
+    run.metrics.write(row)
+    run.bar.update(row)
 
 
 def evaluate_and_save(run: Run, stop: StopRequest) -> str:

@@ -19,8 +19,18 @@ def fmt_seconds(s: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
+def peak_memory_text(row: dict) -> str | None:
+    """A metrics row's CUDA peaks (``model.cuda.peak_memory``) as "12.3 GiB (14.0 reserved)"; None where the row has
+    none (a run on a CPU)."""
+    allocated, reserved = row.get("peak_allocated_gib"), row.get("peak_reserved_gib")
+    if allocated is None:
+        return None
+    return f"{allocated:.1f} GiB" + (f" ({reserved:.1f} reserved)" if reserved is not None else "")
+
+
 class Progress:
-    """Shows loss, learning rate, tokens/s and time left, every ``every`` steps (a bar on a terminal)."""
+    """Shows loss, learning rate, tokens/s, peak GPU memory and time left, every ``every`` steps (a bar on a
+    terminal)."""
 
     def __init__(self, total: int, start: int, every: int, enabled: bool = True, stream=None):
         self.total, self.every, self.enabled = total, every, enabled
@@ -33,19 +43,25 @@ class Progress:
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", file=self.stream,
                             dynamic_ncols=True)
 
-    def update(self, step: int, epoch: float, loss: float, lr: float, tok_s: float) -> None:
+    def update(self, row: dict) -> None:
+        """Show a step's metrics row (step, epoch, loss, learning_rate, tokens_per_second, and the CUDA peak memory
+        where the row has it)."""
         if not self.enabled:
             return
+        step, mem = row["step"], peak_memory_text(row)
+        shown = {"loss": f"{row['loss']:.4f}", "lr": f"{row['learning_rate']:.2e}",
+                 "tok_s": f"{row['tokens_per_second']:,.0f}"} | ({"mem": mem} if mem else {})
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            self.bar.set_postfix(shown, refresh=False)
             return
         if step % self.every and step != self.total:
             return
         done = step - self.start
         left = (time.perf_counter() - self.t0) / done * (self.total - step) if done else 0.0
-        print(f"step {step}/{self.total} epoch {epoch:.2f} loss {loss:.4f} lr {lr:.2e} "
-              f"tok/s {tok_s:,.0f} left {fmt_seconds(left)}", file=self.stream, flush=True)
+        print(f"step {step}/{self.total} epoch {row['epoch']:.2f} loss {shown['loss']} lr {shown['lr']} "
+              f"tok/s {shown['tok_s']}{f' mem {mem}' if mem else ''} left {fmt_seconds(left)}", file=self.stream,
+              flush=True)
 
     def write(self, line: str) -> None:
         if not self.enabled:

@@ -226,6 +226,8 @@ def log_summary(cfg: TrainConfig, info: processes.DistInfo, model, base_path: st
         log.info(line)
     log.info("trainable %s of %s (%.3f%%)", f"{n_trainable:,}", f"{n_total:,}", 100 * n_trainable / n_total)
     log.info("compute dtype: %s (bf16 %s)", "bfloat16" if cfg.use_bf16() else "float32", cfg.bf16)
+    log.info("activation offload: %s", "on (tensors saved for backward wait in host memory)"
+             if cfg.offload_activations else "off")
     micro, accum = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     log.info("%d examples, %d per step (%d x %d accumulation x %d processes), %d steps per epoch, %d steps, "
              "%d warmup; %s batches", n_examples, micro * accum * info.world_size, micro, accum, info.world_size,

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from ..data.batching import collate, collate_varlen, to_device
 from ..data.tokenize import IGNORE
 from ..errors import UserError
-from ..model.loss import loss_sum_chunked
+from ..model.loss import causal_lm, loss_sum_chunked
 from . import checkpoint as ckpt
 from . import processes
-from .distributed import unwrap
 from .schedule import ScheduledStep
 
 if TYPE_CHECKING:
@@ -41,14 +40,8 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _causal_lm(model):
-    """The transformers model under peft/DDP/FSDP wrappers."""
-    inner = unwrap(model)
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
 def accepts(model, arg: str) -> bool:
-    return arg in _forward_params(type(_causal_lm(model)))
+    return arg in _forward_params(type(causal_lm(model)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,15 +82,22 @@ def count_trained(batches: list[dict[str, torch.Tensor]]) -> int:
     return sum(int((b["targets"] != IGNORE).sum()) for b in batches)
 
 
+def activation_offload(device: torch.device) -> torch.autograd.graph.saved_tensors_hooks:
+    """``offload_activations``: hooks that copy every tensor saved for backward to host memory as it is saved and
+    back to ``device`` when backward unpacks it; pinned host memory on CUDA, so the copies can overlap compute."""
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
 def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.device, use_bf16: bool,
                n_tokens: int, grad_scale: float = 1.0, weights: list[float] | None = None,
-               chunked: bool = False) -> float:
+               chunked: bool = False, offload: bool = False) -> float:
     """Forward and backward every micro-batch of one optimizer step; returns the summed loss (a float).
 
     ``n_tokens`` is the trained-token count of the whole step (all micro-batches, all ranks). ``grad_scale``
     undoes the averaging DDP and FSDP do across ranks, so gradients stay a sum over the global batch / n_tokens.
     A micro-batch with weight 0 (a rank with no example left in a short last step) runs forward and backward only
-    to join the other ranks' collectives: it adds nothing to the gradients nor to the returned loss.
+    to join the other ranks' collectives: it adds nothing to the gradients nor to the returned loss. ``offload``:
+    what each forward saves for backward waits in host memory (``activation_offload``).
     """
     total = 0.0
     weights = weights or [1.0] * len(batches)
@@ -105,7 +105,8 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.devi
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         ctx = sync_ctx() if (sync_ctx is not None and not last) else contextlib.nullcontext()
-        with ctx:
+        saved = activation_offload(device) if offload else contextlib.nullcontext()
+        with ctx, saved:
             with autocast(device, use_bf16):
                 loss, _ = loss_sum(model, batch, device, chunked)
             (loss * (weights[i] * grad_scale / n_tokens)).backward()
@@ -148,7 +149,7 @@ def optimizer_step(run: Run, step: ScheduledStep) -> StepResult:
     batches, weights, real = step_batches(run, step)
     n_tokens = int(processes.all_sum(count_trained(real), info, device))
     summed = run.hooks.accumulate(run.model, batches, device, run.use_bf16, n_tokens, grad_scale=info.world_size,
-                                  weights=weights, chunked=run.chunked_loss)
+                                  weights=weights, chunked=run.chunked_loss, offload=cfg.offload_activations)
     loss = processes.all_sum(summed, info, device) / n_tokens
     norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     lr = run.scheduler.get_last_lr()[0]
