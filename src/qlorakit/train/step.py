@@ -82,10 +82,30 @@ def count_trained(batches: list[dict[str, torch.Tensor]]) -> int:
     return sum(int((b["targets"] != IGNORE).sum()) for b in batches)
 
 
+MIN_OFFLOAD_BYTES = 1024  # smaller saved tensors stay where they are: a copy would cost more than it frees
+
+
 def activation_offload(device: torch.device) -> torch.autograd.graph.saved_tensors_hooks:
-    """``offload_activations``: hooks that copy every tensor saved for backward to host memory as it is saved and
-    back to ``device`` when backward unpacks it; pinned host memory on CUDA, so the copies can overlap compute."""
-    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+    """``offload_activations``: hooks that copy each activation saved for backward to host memory as it is saved
+    and back to ``device`` when backward unpacks it (pinned host memory on CUDA, so the copies can overlap compute).
+
+    Parameters are left in place: a frozen weight (a 4-bit one included) is saved by every matmul that uses it, and
+    torch's ``save_on_cpu`` would copy the whole base model out and back on every micro-batch. So are tensors under
+    ``MIN_OFFLOAD_BYTES``. A packed tensor is ``(device, tensor)``: the device to return to, None when kept."""
+    pin = device.type == "cuda"
+
+    def pack(t: torch.Tensor):
+        if isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < MIN_OFFLOAD_BYTES:
+            return None, t
+        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
+        host.copy_(t)
+        return t.device, host
+
+    def unpack(packed):
+        where, t = packed
+        return t if where is None else t.to(where, non_blocking=pin)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.device, use_bf16: bool,
