@@ -51,9 +51,11 @@ test: setup lint
 	if grep -q avx512 /proc/cpuinfo 2>/dev/null; then \
 	  ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -m numerics -p no:cacheprovider; fi
 
+# BENCH_ARGS: extra flags, e.g. make bench-trl BENCH_ARGS=--bf16 on a CPU with bf16 units (AVX512-BF16, AMX).
+BENCH_ARGS ?=
 bench-trl: setup
 	$(BIN)/python -m pip install -q -c constraints.txt 'trl==1.16.0'
-	$(BIN)/python benchmarks/vs_trl.py
+	$(BIN)/python benchmarks/vs_trl.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,6 +1,7 @@
-"""The qlorakit side of the GPU benchmark: the job on qlorakit's library path, with the pieces the training loop is
-being wired to use (token-budget rows with host boundaries, varlen attention, the fused LoRA branch on 4-bit layers
-with bf16 copies cached per step, the chunked head loss, fused AdamW), timed step by step.
+"""The qlorakit side of the GPU benchmark: the job on qlorakit's library path, with the pieces the training loop
+uses (token-budget rows with host boundaries, varlen attention, the fused LoRA branch on 4-bit layers
+with bf16 copies cached per step, the chunked head loss, fused AdamW, Liger's RMSNorm/SwiGLU/RoPE where installed),
+timed step by step.
 
     python benchmarks/gpu/qlorakit_job.py --model DIR --out PART.json [--device cuda] [--tiny]
 
@@ -13,17 +14,19 @@ from __future__ import annotations
 from common import StepClock, job_parser
 
 
-def build(model_dir: str, job: dict, device, checkpointing: bool):
+def build(model_dir: str, job: dict, device, checkpointing: bool, liger_setting: str = "auto"):
     import torch
 
     from qlorakit.model.attention import packed_attention_backend, use_packed_attention
     from qlorakit.model.cuda import adamw_options
     from qlorakit.model.fused_lora import cache_lora_casts
+    from qlorakit.model.liger import use_liger_kernel
     from qlorakit.model.load import enable_gradient_checkpointing, load_base_model
     from qlorakit.model.lora import add_lora, target_modules
     from qlorakit.model.loss import liger_available, supports_chunked_loss
 
     base = load_base_model(model_dir, bits=4, quant_type="nf4", double_quant=True, bf16=True, device=device)
+    _, liger = use_liger_kernel(base, liger_setting, device.type)  # as qlorakit train does (use_liger_kernel)
     if checkpointing:
         enable_gradient_checkpointing(base)
     model = add_lora(base, r=job["lora_r"], alpha=job["lora_alpha"], dropout=job["lora_dropout"],
@@ -37,7 +40,7 @@ def build(model_dir: str, job: dict, device, checkpointing: bool):
     info = {"attention": packed_attention_backend(device, torch.bfloat16) if packed else "sdpa",
             "loss": ("plain" if not supports_chunked_loss(model) else
                      "liger" if device.type == "cuda" and liger_available() else "chunked"),
-            "optimizer": "fused" if opt_kwargs.get("fused") else "foreach",
+            "optimizer": "fused" if opt_kwargs.get("fused") else "foreach", "liger_kernels": liger,
             "gradient_checkpointing": checkpointing, "trainable_parameters": sum(p.numel() for p in params)}
     return model, optimizer, params, info
 
@@ -71,12 +74,14 @@ def train_step(model, optimizer, params, step, device, max_grad_norm: float) -> 
 def main(argv=None) -> int:
     p = job_parser(__doc__)
     p.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
+    p.add_argument("--liger", choices=("auto", "true", "false"), default="auto",
+                   help="use_liger_kernel: Liger's RMSNorm, SwiGLU and RoPE kernels (auto: on CUDA where installed)")
     args = p.parse_args(argv)
     import torch
 
     clock = StepClock(args, "qlorakit")
     job, device = clock.job, torch.device(args.device)
-    model, optimizer, params, info = build(args.model, job, device, not args.no_checkpointing)
+    model, optimizer, params, info = build(args.model, job, device, not args.no_checkpointing, args.liger)
     clock.result |= info
     clock.start()
     losses = []

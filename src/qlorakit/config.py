@@ -100,6 +100,10 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                            "full-vocabulary float32 logits (Liger's fused kernel on CUDA where installed): true, "
                            "false, or auto = on CUDA. Equal to the plain loss to float rounding.",
                            ("auto", "true", "false"))
+    use_liger_kernel: str = _f("auto", "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE kernels (Triton, CUDA only; "
+                               "installed by qlorakit[cuda]): true, false, or auto = on CUDA where installed, for "
+                               "the architectures Liger has kernels for (LLaMA, Mistral, Qwen2, Phi-3, Gemma, ...).",
+                               ("auto", "true", "false"))
     eval_dataset_size: float = _f(0.0, "Held-out share of the training data: a count (>= 1) or a fraction (< 1). "
                                   "0 = none.")
     eval_dataset: str = _f("", "Separate data to evaluate on (instead of a split): one source or a mixture, in the "

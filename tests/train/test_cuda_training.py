@@ -1,5 +1,6 @@
 """Training on a CUDA device (skipped where there is none; benchmarks/gpu/run.sh runs them): one bf16 CUDA step
-agrees with the float32 CPU step, and a checkpoint written on the GPU resumes there as the uninterrupted run goes on.
+agrees with the float32 CPU step, a checkpoint written on the GPU resumes there as the uninterrupted run goes on,
+and Liger's kernels change no number beyond bf16 rounding.
 
 Each run is its own ``python -m qlorakit train`` process, so the CPU one can be given no GPU at all
 (CUDA_VISIBLE_DEVICES empty) and each picks its device as a user's run does."""
@@ -63,3 +64,17 @@ def test_a_gpu_checkpoint_resumes_as_the_run_would_have_gone_on(tiny_llama, tmp_
     assert [r["step"] for r in after] == [5, 6, 7, 8]
     assert [r["loss"] for r in after] == pytest.approx([r["loss"] for r in want], rel=1e-3)
     assert rel_diff(adapter_weights(full), adapter_weights(resumed)) < 1e-3
+
+
+def test_liger_kernels_change_no_number_beyond_bf16_rounding(tiny_llama, tmp_path):
+    """use_liger_kernel true (RMSNorm, SwiGLU, RoPE by Liger's Triton kernels) against false: the same first loss and
+    the same learned lora_B after one SGD step, to bf16 rounding."""
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(8))
+    common = ["--model_name_or_path", str(tiny_llama), "--dataset", str(data), *SGD_ONE_STEP, "--bf16", "true",
+              "--per_device_train_batch_size", "4"]
+    train([*common, "--use_liger_kernel", "false"], tmp_path / "stock")
+    train([*common, "--use_liger_kernel", "true"], tmp_path / "liger")
+    stock, fused = read_metrics(tmp_path / "stock", "loss")[0], read_metrics(tmp_path / "liger", "loss")[0]
+    assert fused["loss"] == pytest.approx(stock["loss"], rel=1e-2)
+    b_stock = adapter_weights(tmp_path / "stock", only_b=True)
+    assert rel_diff(b_stock, adapter_weights(tmp_path / "liger", only_b=True)) < 5e-2

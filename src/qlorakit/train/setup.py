@@ -26,6 +26,7 @@ from ..data.mixture import SourceSummary
 from ..data.prepare import DataOptions, PreparedData, prepare_data
 from ..errors import UserError
 from ..model.attention import packed_attention_backend, use_packed_attention
+from ..model.liger import use_liger_kernel
 from ..model.cuda import check_fsdp_weights
 from ..model.fused_lora import cache_lora_casts
 from ..model.loss import supports_chunked_loss
@@ -166,6 +167,8 @@ def tokenizer_and_data(cfg: TrainConfig, info: processes.DistInfo, resume_path: 
 
 def build_model(cfg: TrainConfig, path: str, device: torch.device):
     model = load_base_for_run(path, cfg, device)
+    _, why = use_liger_kernel(model, cfg.use_liger_kernel, device.type)
+    log.info("liger kernels: %s", why)
     dtype = torch.bfloat16 if cfg.use_bf16() else torch.float32
     # Under FSDP the 4-bit weights are what gets sharded; "auto" keeps them packed there.
     cache_setting = "false" if cfg.fsdp and cfg.cache_dequantized == "auto" else cfg.cache_dequantized
