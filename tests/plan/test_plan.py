@@ -89,6 +89,14 @@ def test_settings_move_the_components_they_should():
     assert sharded.base_weights == base.base_weights // 4 and sharded.fsdp_gather > 0
     assert estimate_memory(config, world_size=4).ddp_buckets == base.lora_grads
     assert estimate_memory(config, double_quant=False).base_weights > base.base_weights
+    # offload: the saved tensors wait on the host; the device holds the one layer backward is working on
+    for checkpointing in (True, False):
+        offloaded = estimate_memory(config, gradient_checkpointing=checkpointing, offload_activations=True)
+        kept = estimate_memory(config, gradient_checkpointing=checkpointing)
+        assert offloaded.activations < kept.activations and offloaded.base_weights == kept.base_weights
+    assert estimate_memory(config, offload_activations=True).activations == \
+        estimate_memory(config, gradient_checkpointing=False, offload_activations=True).activations == \
+        no_ckpt.activations // 80  # one of llama-2-70b's 80 layers
 
 
 def test_format_plan_is_a_table_with_a_verdict():
@@ -164,13 +172,15 @@ def test_plan_reads_a_train_config(tmp_path, capsys):
     (tmp_path / "model" / "config.json").write_text(json.dumps(load_model_config("llama-33b")[0]))
     y = tmp_path / "run.yaml"
     y.write_text(f"model_name_or_path: {tmp_path / 'model'}\nlora_r: 8\nper_device_train_batch_size: 2\n"
-                 "model_max_len: 256\ngradient_checkpointing: 'true'\nbf16: 'true'\nlearning_rate: 0.001\n")
+                 "model_max_len: 256\ngradient_checkpointing: 'true'\nbf16: 'true'\nlearning_rate: 0.001\n"
+                 "offload_activations: true\n")
     assert main(["plan", "--config", str(y)]) == 0
     out = capsys.readouterr().out
     want = estimate_memory(load_model_config("llama-33b")[0], lora_r=8, per_device_train_batch_size=2,
                            model_max_len=256, gradient_checkpointing=True, bf16=True,
-                           optim="adamw_torch", lora_modules="all", lora_dropout=0.05)  # train's defaults
-    assert "LoRA r 8 on all, micro batch 2 x seq 256, checkpointing on, adamw_torch" in out
+                           optim="adamw_torch", lora_modules="all", lora_dropout=0.05,  # train's defaults
+                           offload_activations=True)
+    assert "LoRA r 8 on all, micro batch 2 x seq 256, checkpointing on, activations offloaded, adamw_torch" in out
     assert f"{want.total_bytes / GIB:.2f}\n" in out
     assert main(["plan", "llama-65b", "--config", str(y), "--lora_r", "32"]) == 0
     out = capsys.readouterr().out

@@ -70,6 +70,7 @@ TRAIN_KEYS = {
     "optim": (str, None, tuple(OPTIMIZER_STATE_BYTES), None),
     "bf16": (_auto_or_boolean, "true|false|auto", None, None),
     "fsdp": (boolean, "true|false", None, None),
+    "offload_activations": (boolean, "true|false", None, None),
 }
 PLAN_NOTES = {
     "model_max_len": " The plan counts every example at this length: the largest micro-batch.",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 from ..model.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, GIB, OPTIMIZER_STATE_BYTES, Architecture,
                             Linear, activation_bytes, architecture, base_weight_bytes, dequant_buffer_bytes,
+                            layer_activation_bytes,
                             layer_weight_bytes, logits_bytes, lora_parameter_count,
                             lora_targets, optimizer_state_bytes, parameter_count, unquantized_parameter_count)
 
@@ -145,7 +146,7 @@ def estimate_memory(model_config: dict, *, bits: int = 4, double_quant: bool = T
                     lora_modules: str = "all", lora_dropout: float = 0.05, per_device_train_batch_size: int = 1,
                     gradient_accumulation_steps: int = 1, model_max_len: int = 512,
                     gradient_checkpointing: bool = True, optim: str = "paged_adamw_32bit", bf16: bool = True,
-                    world_size: int = 1, fsdp: bool = False) -> MemoryPlan:
+                    world_size: int = 1, fsdp: bool = False, offload_activations: bool = False) -> MemoryPlan:
     """Peak memory per device of one QLoRA training step; see the module docstring for the components. The
     settings are ``qlorakit train``'s keys; ``world_size`` is its ``--nproc``.
 
@@ -155,13 +156,16 @@ def estimate_memory(model_config: dict, *, bits: int = 4, double_quant: bool = T
 
     ``bf16`` means what qlorakit does with it: a bf16 load dtype and bf16 autocast (activations 2 bytes); without
     it everything runs in fp32. ``fsdp`` shards base weights and LoRA state over ``world_size`` devices (FSDP2);
-    ``world_size`` > 1 without it is DDP, which replicates.
+    ``world_size`` > 1 without it is DDP, which replicates. ``offload_activations``: what the forward saves waits
+    in host memory, and backward brings back one layer's tensors at a time, so the device holds about one layer's
+    (``layer_activation_bytes``; with checkpointing, the layer being recomputed). A model of qlorakit's hooks, not yet
+    checked against a GPU's measured peak.
     """
     settings = dict(bits=bits, double_quant=double_quant, lora_r=lora_r, lora_modules=lora_modules,
                     lora_dropout=lora_dropout, per_device_train_batch_size=per_device_train_batch_size,
                     gradient_accumulation_steps=gradient_accumulation_steps, model_max_len=model_max_len,
                     gradient_checkpointing=gradient_checkpointing, optim=optim, bf16=bf16, world_size=world_size,
-                    fsdp=fsdp)
+                    fsdp=fsdp, offload_activations=offload_activations)
     check_settings(settings)
     arch = architecture(model_config)
     targets = lora_targets(arch, lora_modules)
@@ -170,8 +174,11 @@ def estimate_memory(model_config: dict, *, bits: int = 4, double_quant: bool = T
     shards = world_size if fsdp else 1
     n_lora = lora_parameter_count(arch, targets, lora_r)
 
-    activations = activation_bytes(arch, tokens, model_max_len, targets, lora_r, act, lora_dropout,
-                                   gradient_checkpointing)
+    if offload_activations:
+        activations = layer_activation_bytes(arch, tokens, model_max_len, targets, lora_r, act, lora_dropout)
+    else:
+        activations = activation_bytes(arch, tokens, model_max_len, targets, lora_r, act, lora_dropout,
+                                       gradient_checkpointing)
     logits = logits_bytes(arch, tokens, act)
     dequant = dequant_buffer_bytes(arch, bits, act)
     copies = 2 * n_lora if bf16 else 0
@@ -235,7 +242,8 @@ def format_plan(plan: MemoryPlan, device_gib: float | None = None) -> str:
         f"{plan.model}: {plan.parameters / 1e9:.1f}B parameters, {plan.lora_parameters / 1e6:.1f}M trainable (LoRA)",
         f"{quant}, LoRA r {s['lora_r']} on {s['lora_modules']}, "
         f"micro batch {s['per_device_train_batch_size']} x seq {s['model_max_len']}, "
-        f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['optim']}, "
+        f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+        f"{', activations offloaded' if s.get('offload_activations') else ''}, {s['optim']}, "
         f"{'bf16' if s['bf16'] else 'fp32'}, {devices}",
         "",
         f"{'component':<34}{'GiB':>9}",
