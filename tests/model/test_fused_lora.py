@@ -87,7 +87,7 @@ def test_mask_rate_is_the_asked_rate_to_its_bits():
     drop = KeepMaskDropout(0.05).train()
     out = drop(x)
     values = out.unique().tolist()
-    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - mask_rate(0.05)), rel=1e-7)
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / (1 - mask_rate(0.05)), rel=1e-6)
 
 
 def test_dropout_mask_is_the_same_in_forward_backward_and_recompute(tiny_llama):
