@@ -24,6 +24,9 @@ class ConfigError(UserError):
     """A mistake in the user's configuration. The message is meant to be printed as is, without a traceback."""
 
 
+AUTO = ("auto", "true", "false")  # the choices of a key that qlorakit can decide itself
+
+
 def _f(default, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -49,18 +52,19 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
     double_quant: bool = _f(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
     bf16: str = _f("auto", "Compute in bfloat16 (autocast; LoRA weights stay float32): true, false, or auto = where "
                    "the hardware has fast bfloat16 matrix units (CUDA, or a CPU with AMX / AVX512-BF16).",
-                   ("auto", "true", "false"))
+                   AUTO)
     gradient_checkpointing: str = _f("auto", "Recompute activations in backward to save memory (about a third more "
                                      "compute): true, false, or auto = on only where the activations of the largest "
                                      "micro-batch would take over half the free memory of the device.",
-                                     ("auto", "true", "false"))
-    offload_activations: bool = _f(False, "Keep the tensors a micro-batch's forward saves for backward in host "
-                                   "memory (pinned on CUDA) until backward needs them (torch's save_on_cpu): less "
-                                   "device memory for more host-device copies. With gradient checkpointing these "
-                                   "are each layer's input and the head's tensors. The numbers do not change.")
+                                     AUTO)
+    offload_activations: bool = _f(False, "Keep the activations a micro-batch's forward saves for backward in "
+                                   "host memory (pinned on CUDA) until backward needs them; weights stay on the "
+                                   "device: less device memory for more host-device copies. With gradient "
+                                   "checkpointing these are each layer's input and the head's activations. The "
+                                   "numbers do not change.")
     cache_dequantized: str = _f("auto", "Dequantize the 4/8-bit base weights once and reuse them (numerically "
                                 "identical, more memory, much less work per step): true, false, or auto = on a "
-                                "CPU when they take under a quarter of the free memory.", ("auto", "true", "false"))
+                                "CPU when they take under a quarter of the free memory.", AUTO)
     mpt: bool = _f(False, "Accepted for compatibility with the MPT fork of qlora; the architecture is read from "
                    "the model's config, so it has no effect.")
     # --- LoRA ---
@@ -99,11 +103,11 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
     chunked_loss: str = _f("auto", "Compute the loss a chunk of trained positions at a time, never holding "
                            "full-vocabulary float32 logits (Liger's fused kernel on CUDA where installed): true, "
                            "false, or auto = on CUDA. Equal to the plain loss to float rounding.",
-                           ("auto", "true", "false"))
+                           AUTO)
     use_liger_kernel: str = _f("auto", "Liger-Kernel's fused RMSNorm, SwiGLU and RoPE kernels (Triton, CUDA only; "
                                "installed by qlorakit[cuda]): true, false, or auto = on CUDA where installed, for "
                                "the architectures Liger has kernels for (LLaMA, Mistral, Qwen2, Phi-3, Gemma, ...).",
-                               ("auto", "true", "false"))
+                               AUTO)
     eval_dataset_size: float = _f(0.0, "Held-out share of the training data: a count (>= 1) or a fraction (< 1). "
                                   "0 = none.")
     eval_dataset: str = _f("", "Separate data to evaluate on (instead of a split): one source or a mixture, in the "

@@ -112,11 +112,8 @@ def sdpa_loop(query, key, value, bounds, scaling, dropout: float):
     gives every span a full-size zero gradient of q, k and v in backward, summed afterwards (3 x T x H x D
     writes per example per layer)."""
     gqa = query.shape[1] != key.shape[1]
-    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
-    if bounds[0] != 0 or bounds[-1] != query.shape[2]:  # spans that leave part of the row out
-        cut = [(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
-    else:
-        cut = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
+    sizes = [e - s for s, e in zip(bounds[:-1], bounds[1:])]  # the spans cover the row (split checks they do)
+    cut = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
     spans = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
              for q, k, v in cut]
     return torch.cat(spans, dim=2).transpose(1, 2)

@@ -26,9 +26,9 @@ from ..data.mixture import SourceSummary
 from ..data.prepare import DataOptions, PreparedData, prepare_data
 from ..errors import UserError
 from ..model.attention import packed_attention_backend, use_packed_attention
-from ..model.liger import use_liger_kernel
 from ..model.cuda import check_fsdp_weights
 from ..model.fused_lora import cache_lora_casts
+from ..model.liger import use_liger_kernel
 from ..model.loss import supports_chunked_loss
 from ..model.load import (apply_cache_dequantized, enable_gradient_checkpointing, load_base_for_run, model_tokenizer,
                           resolve_model_path)
