@@ -11,6 +11,11 @@ from torch import nn
 from ..errors import UserError
 
 
+def unwrap(model):
+    """The peft model under DDP (FSDP2 shards the module in place and leaves no wrapper)."""
+    return getattr(model, "module", model)
+
+
 def is_linear(module: nn.Module) -> bool:
     """Plain, 4-bit and 8-bit linear layers (bitsandbytes subclasses nn.Linear)."""
     return isinstance(module, nn.Linear)

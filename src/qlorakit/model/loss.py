@@ -21,6 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .lora import unwrap
+
 # Model types whose logits are exactly ``lm_head(final hidden state)``: no softcapping, no logit scale.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3"})
 CHUNK_BYTES = 256 << 20  # logits and their gradient per chunk
@@ -130,7 +132,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
 def causal_lm(model):
     """The transformers model under the peft and DDP wrappers (FSDP2 shards in place and adds no wrapper)."""
-    inner = getattr(model, "module", model)  # DDP's wrapper (train.distributed.unwrap, which this layer cannot import)
+    inner = unwrap(model)
     return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 

@@ -14,6 +14,7 @@ import torch
 from . import processes
 from ..config import TrainConfig
 from ..errors import UserError
+from ..model.lora import unwrap
 
 
 def wrap_model(model, cfg: TrainConfig, info: processes.DistInfo, device: torch.device):
@@ -64,11 +65,6 @@ def is_fsdp(model) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
-
-
-def unwrap(model):
-    """The peft model under DDP (FSDP2 shards the module in place and leaves no wrapper)."""
-    return getattr(model, "module", model)
 
 
 def adapter_state(model) -> dict:

@@ -14,7 +14,8 @@ from ..data.formats import Message
 from ..data.templates import render_text, stop_text
 from . import checkpoint as ckpt
 from . import processes
-from .distributed import adapter_state as gather_adapter, is_fsdp, unwrap
+from ..model.lora import unwrap
+from .distributed import adapter_state as gather_adapter, is_fsdp
 from .fit import FitOutcome
 from .progress import Metrics
 from .setup import Run

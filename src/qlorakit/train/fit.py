@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass
 
 from ..model.cuda import peak_memory, reset_peak_memory
+from ..model.lora import unwrap
 from . import checkpoint as ckpt
 from . import processes
-from .distributed import adapter_state, optimizer_state, unwrap
+from .distributed import adapter_state, optimizer_state
 from .mmlu import mmlu_scores
 from .schedule import should_evaluate, should_evaluate_at_end, should_log, should_save
 from .setup import Run

@@ -32,10 +32,10 @@ from ..model.liger import use_liger_kernel
 from ..model.loss import supports_chunked_loss
 from ..model.load import (apply_cache_dequantized, enable_gradient_checkpointing, load_base_for_run, model_tokenizer,
                           resolve_model_path)
-from ..model.lora import add_lora, target_modules, trainable_report
+from ..model.lora import add_lora, target_modules, trainable_report, unwrap
 from . import checkpoint as ckpt
 from . import processes, schedule
-from .distributed import load_adapter, load_optimizer, unwrap, wrap_model
+from .distributed import load_adapter, load_optimizer, wrap_model
 from .mmlu import MMLU, load_mmlu, mmlu_file
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .progress import Metrics, Progress
@@ -64,7 +64,7 @@ class Run:
     info: processes.DistInfo
     device: torch.device
     out: Path
-    model: Any  # the peft model; under torchrun wrapped by DDP or sharded by FSDP2 (distributed.unwrap)
+    model: Any  # the peft model; under torchrun wrapped by DDP or sharded by FSDP2 (model.lora.unwrap)
     tokenizer: Any
     train_ex: ExampleSequence  # memory-mapped examples: train_ex[i] is an Example, train_ex.lengths every length
     eval_ex: ExampleSequence
