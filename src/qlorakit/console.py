@@ -46,3 +46,46 @@ def _quiet_datasets() -> None:
 
         datasets.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()
+
+
+def _is_ours(record: logging.LogRecord) -> bool:
+    return record.name == "qlorakit" or record.name.startswith("qlorakit.")
+
+
+def _printed_by_its_library(name: str) -> bool:
+    """Whether a record of logger ``name`` meets a handler before the root's: the hub client, datasets and
+    transformers each print their records with a handler of their own."""
+    logger: logging.Logger | None = logging.getLogger(name)
+    while logger is not None and logger is not logging.root:
+        if logger.handlers or not logger.propagate:
+            return True
+        logger = logger.parent
+    return False
+
+
+def _once(record: logging.LogRecord) -> bool:
+    """qlorakit's records; a library's warnings only where its own handler did not print them already."""
+    return _is_ours(record) or (record.levelno >= logging.WARNING and not _printed_by_its_library(record.name))
+
+
+class _Prefixed(logging.Formatter):
+    """``qlorakit: message`` for qlorakit's records, ``peft: message`` (its package) for a library's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = "qlorakit" if _is_ours(record) else record.name.split(".")[0]
+        return f"{who}: {super().format(record)}"
+
+
+def log_to_stderr(level: int) -> None:
+    """qlorakit's log on stderr at ``level``, where the process has no logging set up yet (an application embedding
+    qlorakit, or pytest, keeps its own). The handler sits at the root, so records of libraries without a handler of
+    their own still show, once; those of libraries that print their own (the hub client's retries, datasets') are
+    not printed a second time under qlorakit's name."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    logging.getLogger("qlorakit").setLevel(level)  # the root stays at WARNING: libraries' info is not the user's
+    handler = logging.StreamHandler()  # stderr
+    handler.addFilter(_once)
+    handler.setFormatter(_Prefixed("%(message)s"))
+    root.addHandler(handler)

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..hub import missing, use_hub
 from .formats import DataError
 from .sources import FILE_KINDS, SourceSpec
 
@@ -157,16 +158,18 @@ def _load_saved(spec: SourceSpec):
 
 
 def _load_hub(spec: SourceSpec):
-    """A hub dataset from the local Hugging Face cache (or the hub, where it can be reached)."""
+    """A hub dataset from the local Hugging Face cache, or from the hub where it can be reached (``hub.use_hub``:
+    where it cannot, the cache alone answers at once, and a dataset it lacks is one line)."""
     import datasets
 
+    online = use_hub()
     try:
         return datasets.load_dataset(spec.path, spec.subset, split=spec.split)
-    except ConnectionError:
-        cache = datasets.config.HF_DATASETS_CACHE
-        raise DataError(f"{spec.path}: not in the local Hugging Face datasets cache ({cache}) and the hub cannot "
-                        "be reached; load it once where there is network, point HF_HOME at a "
-                        "cache that holds it, or give a local file") from None
     except Exception as e:  # unknown subset or split, a dataset that does not exist
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"{spec.path}: {first}") from None
+        if not online and isinstance(e, (ConnectionError, FileNotFoundError)):
+            raise missing(spec.origin or spec.path, spec.path, "dataset", datasets.config.HF_DATASETS_CACHE) from None
+        raise DataError(f"{spec.path}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -17,6 +17,7 @@ import torch
 
 from ..devices import device_for_training, free_memory
 from ..errors import UserError
+from ..hub import missing, use_hub
 
 log = logging.getLogger("qlorakit")
 
@@ -118,12 +119,26 @@ def model_tokenizer(name: str, trust_remote_code: bool = False):
     return load_tokenizer(str(gguf.parent), trust_remote_code, gguf_file=gguf.name)
 
 
+def from_local_or_hub(load, path: str):
+    """``load()``, a ``from_pretrained`` of ``path``; a hub id is asked of the hub only where it can answer
+    (``hub.use_hub``), so one the local cache lacks on a machine without network fails at once, in one line."""
+    hub_id = not Path(path).expanduser().exists()
+    online = use_hub() if hub_id else True
+    try:
+        return load()
+    except OSError as e:
+        if not online:
+            raise missing("model_name_or_path", path) from None
+        raise ModelError(f"model_name_or_path: cannot load {path} ({str(e).strip().splitlines()[0]})") from None
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
     if trust_remote_code:
         warn_remote_code(path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
+    tok = from_local_or_hub(lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                                  gguf_file=gguf_file), path)
     if tok.pad_token is None:
         # Padding positions are masked out of attention and loss, so any id works; reuse EOS, as most tools do.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
@@ -183,11 +198,9 @@ def load_base_model(path: str, *, bits: int = 4, quant_type: str = "nf4", double
         log.warning(why)
     kw = {"attn_implementation": kernel} if kernel else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=qcfg,
-                                                     device_map={"": device}, trust_remote_code=trust_remote_code,
-                                                     **kw)
-    except OSError as e:
-        raise ModelError(f"model_name_or_path: cannot load {path} ({str(e).splitlines()[0]})") from None
+        model = from_local_or_hub(lambda: AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, quantization_config=qcfg, device_map={"": device}, trust_remote_code=trust_remote_code,
+            **kw), path)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelError(f"model_name_or_path: {path} needs its own code; set --trust_remote_code true "

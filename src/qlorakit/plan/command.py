@@ -5,15 +5,32 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 from pathlib import Path
 
 from ..errors import UserError
+from ..hub import missing, use_hub
 from ..model.memory import CUDA_CONTEXT_BYTES, GIB, OPTIMIZER_STATE_BYTES
 from ..options import Parser, boolean, integer, number, positive_integer, positive_number
 from ..resources import plan_preset
 from .estimate import estimate_memory, format_plan
 
 SHIPPED_MODELS = ("mpt-30b", "llama-33b", "llama-65b", "llama-2-70b")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_config(repo_id: str) -> Path:
+    """The config.json of a hub model (only that file): from the local cache, or the hub where it can be reached."""
+    from huggingface_hub import hf_hub_download
+
+    online = use_hub()
+    try:
+        return Path(hf_hub_download(repo_id, "config.json"))
+    except Exception as e:  # noqa: BLE001 -- not cached, no such repo, or the network failed: one line each
+        if not online:
+            raise missing("MODEL", repo_id) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{repo_id}: cannot fetch its config.json from the hub ({first})") from None
 
 
 def load_model_config(model: str) -> tuple[dict, str]:
@@ -26,9 +43,11 @@ def load_model_config(model: str) -> tuple[dict, str]:
         path = path / "config.json"
         if not path.is_file():
             raise UserError(f"{model} has no config.json, pass a model directory or a config.json path")
+    elif not path.is_file() and HUB_ID.match(model):
+        path = hub_config(model)
     elif not path.is_file():
-        raise UserError(f"unknown model {model!r}, use one of {', '.join(SHIPPED_MODELS)}, a config.json path "
-                        "or a model directory")
+        raise UserError(f"unknown model {model!r}, use one of {', '.join(SHIPPED_MODELS)}, a config.json path, "
+                        "a model directory or a hub id")
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -21,6 +21,7 @@ import torch
 
 from .. import devices
 from ..config import TrainConfig, save_config
+from ..console import log_to_stderr
 from ..data.examples import ExampleSequence
 from ..data.mixture import SourceSummary
 from ..data.prepare import DataOptions, PreparedData, prepare_data
@@ -293,7 +294,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     """Everything the first step needs, checked and reported; resumed from a checkpoint where the config says so."""
     hooks = hooks or Hooks()
     info = processes.init()
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING, format="qlorakit: %(message)s")
+    log_to_stderr(logging.INFO if info.is_main else logging.WARNING)
     device = devices.device_for_training()
     out = prepare_output_dir(cfg, info)
     if info.is_main:
