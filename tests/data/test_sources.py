@@ -201,6 +201,6 @@ def test_a_hub_id_is_served_from_the_local_cache_and_ends_in_one_line_when_absen
     capsys.readouterr()
     assert main(["data", "check", "someone/absent", "--model_name_or_path", str(tiny_llama)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "someone/absent: not in the local Hugging Face datasets cache" in err
+    assert err.count("\n") == 1 and "someone/absent is not in the local Hugging Face cache" in err
     with pytest.raises(DataError, match="someone/tiny-airoboros: Unknown split \"test\""):
         prepare_data(opts("someone/tiny-airoboros:split=test"), tokenizer)

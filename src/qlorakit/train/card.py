@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import yaml
 from ..config import FIELDS, TrainConfig, default_of
 from ..data.mixture import SourceSummary
 from ..resources import SAMPLE_DATASET
+from .card_metadata import HUB_ID, Scores, adapter_eval_row, card_data, front_matter, mmlu_scores, run_dir_scores, \
+    scores_of_row
 
 DEFAULT_DATA_NOTE = ("the sample airoboros-style dataset shipped with qlorakit: rows written by a seeded template "
                      "generator (scripts/make_sample_data.py) about invented entities, released with qlorakit under "
@@ -43,15 +46,37 @@ def base_license(base_path: str) -> str:
     return "other"
 
 
+DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LOCAL_PATH = re.compile(r"(?<![\w.-])(?:~|\.{1,2})?/[^\s,:'\"]+")  # an absolute, home or ./ path; not org/name
+PATHS_NOTE = ("Local files and folders are named by their file or folder name in this card, never by where they "
+              "were on the machine that trained it; `qlorakit_config.yaml` beside it holds the exact config, with the "
+              "paths as given (what `--resume_from_checkpoint` reads).")
+
+
+def is_default_base(base_path: str) -> bool:
+    return Path(base_path).name.startswith("SmolLM2-135M-Instruct")
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
 def public_base_name(base_path: str) -> str:
-    """The name a model card should give the base: the embedded default's hub id rather than its local cache."""
-    if Path(base_path).name.startswith("SmolLM2-135M-Instruct"):
-        return "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return base_path
+    """The name a model card gives the base: the embedded default's hub id rather than its local cache, a hub id as
+    is, a local model directory by its folder name."""
+    if is_default_base(base_path):
+        return DEFAULT_BASE_ID
+    return base_path if is_hub_id(base_path) else Path(base_path).name
+
+
+def without_local_paths(text: str) -> str:
+    """``text`` with each local path in it (absolute, under ~, or ./) replaced by its last part."""
+    return LOCAL_PATH.sub(lambda m: Path(m.group(0)).name or m.group(0), text)
 
 
 def reproduce_command(cfg: TrainConfig) -> str:
-    """The ``qlorakit train`` command that reproduces this run (only the settings that differ from defaults)."""
+    """The ``qlorakit train`` command that reproduces this run (only the settings that differ from defaults), local
+    paths named by their file or folder name (``without_local_paths``)."""
     parts = ["qlorakit", "train"]
     for name, f in FIELDS.items():
         value = getattr(cfg, name)
@@ -59,12 +84,29 @@ def reproduce_command(cfg: TrainConfig) -> str:
             continue
         shown = json.dumps(value) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) \
             else str(value)
-        parts += [f"--{name}", shown]
+        parts += [f"--{name}", without_local_paths(shown)]
     return " ".join(shlex.quote(p) for p in parts)
 
 
 def is_sample(source: SourceSummary) -> bool:
     return source.name == str(SAMPLE_DATASET)
+
+
+def source_label(source: SourceSummary) -> str:
+    """How the card names a source: qlorakit's sample, a hub id (with subset and split), a file's or folder's name."""
+    if is_sample(source):
+        return "qlorakit's sample (qlorakit-sample-airoboros)"
+    return source.name if source.kind == "hub" else Path(source.name).name
+
+
+def file_label(source: SourceSummary, file: str) -> str:
+    """A file of a source by its name; a folder's file by its path inside the folder."""
+    if source.kind in ("folder", "arrow"):
+        try:
+            return str(Path(source.name).name / Path(file).relative_to(source.name))
+        except ValueError:
+            pass
+    return Path(file).name
 
 
 def dataset_name(source: SourceSummary) -> str:
@@ -98,12 +140,13 @@ def data_section(sources: list[SourceSummary]) -> list[str]:
     """Each source with the rows it has and the rows the run used, and the examples they gave."""
     lines = ["| source | role | format | rows | rows used | train examples | eval examples |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| `{s.name}` | {s.role} | {s.format} | {s.rows} | {s.used} ({s.selection()}) | {s.train_examples} | "
-              f"{s.eval_examples} |" for s in sources]
-    cut = [f"`{s.name}`: {s.truncated} truncated, {s.dropped} dropped" for s in sources if s.truncated or s.dropped]
+    lines += [f"| `{source_label(s)}` | {s.role} | {s.format} | {s.rows} | {s.used} ({s.selection()}) | "
+              f"{s.train_examples} | {s.eval_examples} |" for s in sources]
+    cut = [f"`{source_label(s)}`: {s.truncated} truncated, {s.dropped} dropped" for s in sources
+           if s.truncated or s.dropped]
     if cut:
         lines += ["", "Examples over `model_max_len`: " + "; ".join(cut) + "."]
-    files = [(s.name, f, h) for s in sources for f, h in sorted(s.sha256.items())]
+    files = [(source_label(s), file_label(s, f), h) for s in sources for f, h in sorted(s.sha256.items())]
     if files:
         lines += ["", "sha256 of the files read:", ""] + [f"- `{f}`: `{h}`" for _, f, h in files[:20]]
         if len(files) > 20:
@@ -169,40 +212,76 @@ def mmlu_lines(metrics: list[dict]) -> list[str]:
 
 
 def loading_section(out: Path, base_path: str) -> list[str]:
-    return [
+    """How to load the adapter: the base by its public name, the adapter by this folder's name (or its hub id, once
+    published); never a path of the machine that trained it."""
+    base, name = public_base_name(base_path), out.resolve().name
+    lines = [
         "```python",
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({base_path!r})",
-        f"model = PeftModel.from_pretrained(base, {str(out)!r})",
-        f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})",
+        f"adapter = {name!r}  # this folder, or its hub id once published",
+        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+        "model = PeftModel.from_pretrained(base, adapter)",
+        "tokenizer = AutoTokenizer.from_pretrained(adapter)",
         "```",
         "",
+    ]
+    if is_default_base(base_path):
+        lines += [f"The adapter was trained against qlorakit's default base: `{base}` as its Q4_1 GGUF, dequantized. "
+                  "`from_pretrained` of the hub id loads the original weights, which differ slightly; qlorakit's "
+                  "commands below load the exact ones.", ""]
+    elif not is_hub_id(base_path):
+        lines += [f"`{base}` is the local model directory this adapter was trained on: load it from where you keep "
+                  "it.", ""]
+    return lines + [
         "Or with qlorakit, which renders prompts in the training format:",
         "",
         "```bash",
-        f"qlorakit chat {out}",
-        f"qlorakit merge {out} --output {out}/merged        # a plain transformers model",
-        f"qlorakit export {out} --format gguf --output {out}/model.gguf   # for llama.cpp",
+        f"qlorakit chat {name}",
+        f"qlorakit merge {name} --output {name}/merged        # a plain transformers model",
+        f"qlorakit export {name} --format gguf --output {name}/model.gguf   # for llama.cpp",
         "```",
     ]
 
 
+def eval_data_name(sources: list[SourceSummary]) -> str:
+    """The evaluation data as the model-index names it: the eval sources, else the split held out of the training
+    data."""
+    evals = [dataset_name(s) for s in sources if s.role == "eval"]
+    if evals:
+        return ", ".join(dict.fromkeys(evals))
+    train = ", ".join(dict.fromkeys(dataset_name(s) for s in sources if s.role == "train")) or "training data"
+    return f"{train} (held-out split)"
+
+
+def run_scores(cfg: TrainConfig, out: Path, metrics: list[dict], best_step: int | None,
+               sources: list[SourceSummary]) -> Scores:
+    """Every score of the run, one ``{metric: value}`` per dataset: its adapter's evaluation row (eval loss and
+    generation metrics), MMLU, and what other commands left in the run directory (``card_metadata``)."""
+    scores: Scores = {}
+    row = adapter_eval_row(metrics, best_step, cfg.load_best_model_at_end)
+    if row is not None:
+        scores[eval_data_name(sources)] = scores_of_row(row)
+    return {**scores, **mmlu_scores(metrics), **run_dir_scores(out)}
+
+
 def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict], best_step: int | None,
-               stopped: str, prompt_example: str, sources: list[SourceSummary]) -> Path:
-    """``sources``: the run's data sources (``PreparedData.sources``), training and eval, with the rows they gave."""
+               stopped: str, prompt_example: str, sources: list[SourceSummary], scores: Scores | None = None) -> Path:
+    """``sources``: the run's data sources (``PreparedData.sources``), training and eval, with the rows they gave.
+    ``scores``: more results for the model-index, ``{dataset: {metric: value}}``, over those the run holds."""
     lic = base_license(base_path)
     names = list(dict.fromkeys(dataset_name(s) for s in sources if s.role == "train"))
-    front = {"license": lic, "base_model": public_base_name(base_path), "datasets": names,
-             "library_name": "peft", "pipeline_tag": "text-generation",
-             "tags": ["qlora", "lora", "peft", "qlorakit", f"{cfg.bits}bit", cfg.prompt_format]}
     name = out.resolve().name
     base_name = public_base_name(base_path)
+    data = card_data(license=lic, base_model=base_name if is_default_base(base_path) or is_hub_id(base_path)
+                     else None, datasets=names, tags=["qlora", "lora", "peft", "qlorakit", f"{cfg.bits}bit",
+                                                      cfg.prompt_format],
+                     model_name=name, scores={**run_scores(cfg, out, metrics, best_step, sources), **(scores or {})})
     kind = (f"QLoRA, {cfg.quant_type.upper()} 4-bit base{' with double quantization' if cfg.double_quant else ''}"
             if cfg.bits == 4 else f"{cfg.bits}-bit base")
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        front_matter(data), "",
         f"# {name}", "",
         "## Overview", "",
         f"A LoRA adapter for `{base_name}`, fine-tuned with qlorakit on {', '.join(f'`{n}`' for n in names)} ({kind}, "
@@ -215,7 +294,7 @@ def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict],
         "## Training data", "", *data_section(sources), "",
         "## Training hyperparameters", "",
         "| setting | value |", "|---|---|", *hyperparameter_rows(cfg), "",
-        "Reproduce:", "", "```bash", reproduce_command(cfg), "```", "",
+        "Reproduce:", "", "```bash", reproduce_command(cfg), "```", "", PATHS_NOTE, "",
         "## Results", "", *results_section(metrics, best_step, stopped), "",
         "## How to use", "", *loading_section(out, base_path), "",
         "## Licence and usage", "",
