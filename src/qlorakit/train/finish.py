@@ -17,6 +17,7 @@ from . import processes
 from ..model.lora import unwrap
 from .distributed import adapter_state as gather_adapter, is_fsdp
 from .fit import FitOutcome
+from .loss_plot import plot_loss
 from .progress import Metrics
 from .setup import Run
 
@@ -60,31 +61,6 @@ def finish(run: Run, outcome: FitOutcome) -> RunResult:
 def prompt_format_record(cfg: TrainConfig, tokenizer) -> dict:
     return {"name": cfg.prompt_format, "example": render_text(EXAMPLE, cfg.prompt_format, tokenizer),
             "stop": stop_text(cfg.prompt_format, tokenizer), "bos": tokenizer.bos_token or ""}
-
-
-def plot_loss(metrics: list[dict], path: Path) -> bool:
-    """A loss-curve PNG (train and eval loss by epoch); False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    train = [m for m in metrics if "loss" in m]
-    evals = [m for m in metrics if "eval_loss" in m]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([m["epoch"] for m in train], [m["loss"] for m in train], label="train", lw=1)
-    if evals:
-        ax.plot([m["epoch"] for m in evals], [m["eval_loss"] for m in evals], "o-", label="eval")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss per trained token")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
 
 
 def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.TrainState, stopped: str,
