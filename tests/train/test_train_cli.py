@@ -59,7 +59,8 @@ def test_run_dir_loads_with_plain_peft(tiny_llama, tmp_path):
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nlicense:") and "base_model:" in card and "## Licence and usage" in card
+    assert card.startswith("---\nlicense:") and "## Licence and usage" in card
+    assert "base_model:" not in card and str(tiny_llama) not in card  # a local base: named by its folder, not its path
     assert "eval loss" in card  # the held-out split was evaluated and reported
 
 

@@ -51,7 +51,7 @@ def test_train_on_a_parquet_file(tiny_llama, tmp_path, sources, caplog):
     assert len(read_metrics(out, "loss")) == 2
     text = card(out)
     assert "datasets:\n- tasks\n" in text and "fine-tuned with qlorakit on `tasks`" in text
-    assert f"| `{table}` | train | alpaca | 6 | 6 (all rows) | 6 | 0 |" in text
+    assert "| `tasks.parquet` | train | alpaca | 6 | 6 (all rows) | 6 | 0 |" in text and str(tmp_path) not in text
     assert "`tasks.parquet` (sha256 `" in text.split("## Licence and usage", 1)[1]
 
 
@@ -75,8 +75,8 @@ def test_a_mixture_trains_and_a_second_run_loads_the_cache(tiny_llama, tmp_path,
     text = card(first)
     assert "datasets:\n- chat\n- tasks\n" in text and "on `chat`, `tasks` (" in text
     rows = [x for x in text.splitlines() if x.startswith("| `")]
-    assert rows[0].startswith(f"| `{jsonl}` | train | airoboros | 8 | 4 (weight 0.5) | ")
-    assert rows[1].startswith(f"| `{table}` | train | alpaca | 6 | 6 (weight 2) | ")
+    assert rows[0].startswith("| `chat.jsonl` | train | airoboros | 8 | 4 (weight 0.5) | ")
+    assert rows[1].startswith("| `tasks.parquet` | train | alpaca | 6 | 6 (weight 2) | ")
     trained = [int(r.split("|")[6]) for r in rows]
     held = [int(r.split("|")[7]) for r in rows]
     assert sum(held) == 2 and trained[0] == 4 - held[0] and trained[1] == 2 * (6 - held[1])
@@ -92,6 +92,9 @@ def test_a_mixture_trains_and_a_second_run_loads_the_cache(tiny_llama, tmp_path,
     assert "tokenized in" not in log
     assert [x for x in log.splitlines() if "mixture: " in x] == lines  # the same examples, split the same way
     reproduce = next(x for x in card(second).splitlines() if x.startswith("qlorakit train "))
-    assert build_config(shlex.split(reproduce)[2:]).datasets == build_config([str(config)]).datasets
+    named = config.read_text().replace(f"{jsonl}", jsonl.name).replace(f"{table}", table.name)
+    assert str(tmp_path) not in reproduce and named != config.read_text()  # the card names files, not paths
+    (tmp_path / "named.yaml").write_text(named)
+    assert build_config(shlex.split(reproduce)[2:]).datasets == build_config([str(tmp_path / "named.yaml")]).datasets
     losses = [r["loss"] for r in read_metrics(first, "loss")]
     assert len(losses) == 2 and [r["loss"] for r in read_metrics(second, "loss")] == pytest.approx(losses, rel=1e-6)
