@@ -112,3 +112,13 @@ def test_a_library_record_is_printed_once():
         err[how] = proc.stderr.splitlines()
     assert err["qlorakit"] == ["Retrying in 1s [Retry 1/5].", "peft: a library without a handler", "qlorakit: ours"]
     assert "qlorakit: Retrying in 1s [Retry 1/5]." in err["twin"]  # the double print the handler avoids
+
+
+def test_reachable_is_one_connect_to_the_endpoint():
+    from qlorakit.hub import reachable
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        assert reachable(f"http://127.0.0.1:{listening.getsockname()[1]}")
+    assert not reachable(f"http://127.0.0.1:{closed_port()}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from functools import cache
 from urllib.parse import urlsplit
 from urllib.request import getproxies, proxy_bypass
@@ -49,15 +50,36 @@ def _connect_target(url: str) -> tuple[str, int]:
     return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
+def _resolve(host: str, port: int, timeout: float) -> list:
+    """The addresses of ``host``, or [] where it does not resolve within ``timeout`` (a resolver that cannot be
+    reached can take tens of seconds to say so, and getaddrinfo has no timeout of its own)."""
+    found: list = []
+
+    def lookup() -> None:
+        try:
+            found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError:
+            pass
+
+    worker = threading.Thread(target=lookup, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return list(found)
+
+
 @cache
 def reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
     """Whether one TCP connect to ``url``'s host (or its proxy) succeeds within ``timeout``; asked once a process."""
     host, port = _connect_target(url)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:  # refused, unroutable, timed out, or a name that does not resolve
-        return False
+    for family, kind, proto, _, address in _resolve(host, port, timeout)[:2]:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.settimeout(timeout)
+                s.connect(address)
+                return True
+        except OSError:  # refused, unroutable or timed out
+            continue
+    return False
 
 
 def go_offline() -> None:
