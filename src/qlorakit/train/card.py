@@ -47,7 +47,7 @@ def base_license(base_path: str) -> str:
 
 
 DEFAULT_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-LOCAL_PATH = re.compile(r"(?<![\w.-])(?:~|\.{1,2})?/[^\s,:'\"]+")  # an absolute, home or ./ path; not org/name
+LOCAL_PATH = re.compile(r"(?<![\w.:/-])(?:~|\.{1,2})?/[^\s,:'\"]+")  # absolute, ~ or ./ paths; not org/name, URLs
 PATHS_NOTE = ("Local files and folders are named by their file or folder name in this card, never by where they "
               "were on the machine that trained it; `qlorakit_config.yaml` beside it holds the exact config, with the "
               "paths as given (what `--resume_from_checkpoint` reads).")
