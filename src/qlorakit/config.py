@@ -108,7 +108,8 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                          "Either way it is counted in the log.", ("truncate", "drop"))
     train_on_source: bool = _f(False, "Also train on prompt tokens, not only on responses.")
     prompt_loss_weight: float = _f(0.0, "Weight of prompt tokens in the loss, 0 (responses only) to 1 (= "
-                                   "train_on_source true); loss = sum(w*ce)/sum(w) over the step, w 1 on reply tokens.")
+                                   "train_on_source true): sum(w*ce)/sum(w) over each optimizer step, w 1 on reply "
+                                   "tokens. The eval loss stays on replies only.")
     group_by_length: bool = _f(False, "Batch examples of similar length together (less padding). With false the "
                                "example order does not depend on the batch size.")
     packing: bool = _f(True, "Pack each micro-batch into one padding-free row; attention never crosses examples "
