@@ -81,3 +81,35 @@ def test_gguf_export_reads_back(run_dir, tmp_path):
     assert agree >= 0.97, agree
 
 
+
+
+def test_a_dora_run_merges_with_its_magnitudes(tiny_llama, tmp_path, monkeypatch):
+    """use_dora: the merged weight is m * (W + s B A) / ||W + s B A|| per row, so the merged model computes what the
+    DoRA adapter does (a 16-bit base: no quantization between them); adding s B A alone (the plain-LoRA merge) is
+    the twin, caught."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import write_jsonl
+    from qlorakit.export import merge
+    from qlorakit.export.merge import dora_magnitudes
+    from qlorakit.runs import load_run
+
+    data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(8))
+    run = tmp_path / "dora"
+    assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(run),
+                 "--bits", "16", "--use_dora", "true", "--max_steps", "4", "--learning_rate", "0.05",
+                 "--save_strategy", "no", "--eval_strategy", "no", "--bf16", "false"]) == 0
+    magnitudes = dora_magnitudes(run)
+    assert len(magnitudes) == 14
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--output", str(out), "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    adapter_model, _, _ = load_run(run)
+    ids = torch.arange(5, 60)[None]
+    with torch.no_grad():
+        want, got = adapter_model(ids).logits, merged(ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(merge, "dora_magnitudes", lambda run_dir: {})  # the twin: W + s B A, no rescale
+    twin, _, _ = merge.merged_model(run, dtype="fp32")
+    with torch.no_grad():
+        assert float((twin(ids).logits - want).abs().max()) > 100 * float((got - want).abs().max())

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .tokenize import IGNORE, Example
+from .tokenize import IGNORE, Example, prompt_weighted
 
 
 def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None,
@@ -56,38 +56,67 @@ def shifted_targets(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE]
 
 
-def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch (B, T) with an attention mask; padding is never attended to nor trained."""
+def example_targets(e: Example, prompt_weight: float = 0.0) -> tuple[list[int], list[float] | None]:
+    """The shifted targets of ``e`` and, with ``prompt_weight`` > 0 (``prompt_loss_weight``), each target's weight
+    (0 where nothing is trained): its prompt tokens become targets of that weight (``tokenize.prompt_weighted``)."""
+    if prompt_weight <= 0:
+        return shifted_targets(e.labels), None
+    labels, weights = prompt_weighted(e, prompt_weight)
+    return shifted_targets(labels), weights[1:] + [0.0]
+
+
+def collate_padded(examples: list[Example], pad_id: int, prompt_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Right-padded batch (B, T) with an attention mask; padding is never attended to nor trained. With
+    ``prompt_weight`` > 0 also ``weights`` (B, T), float32: each target's weight in the loss."""
     T = max(len(e) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), T), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
+    weights = torch.zeros((len(examples), T)) if prompt_weight > 0 else None
     for i, e in enumerate(examples):
         n = len(e)
         ids[i, :n] = torch.tensor(e.input_ids)
-        targets[i, :n] = torch.tensor(shifted_targets(e.labels))
+        these, w = example_targets(e, prompt_weight)
+        targets[i, :n] = torch.tensor(these)
+        if weights is not None:
+            weights[i, :n] = torch.tensor(w)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+    batch = {"input_ids": ids, "attention_mask": mask, "targets": targets}
+    return batch if weights is None else batch | {"weights": weights}
 
 
-def collate_packed(examples: list[Example]) -> dict[str, torch.Tensor]:
+def collate_packed(examples: list[Example], prompt_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """One row (1, sum of lengths) with no padding. Positions restart at 0 for each example, which the model's
-    attention turns into a block-diagonal causal mask, so no example attends to another."""
-    ids, targets, pos = [], [], []
+    attention turns into a block-diagonal causal mask, so no example attends to another. With ``prompt_weight``
+    > 0 also ``weights`` (1, T), as in ``collate_padded``."""
+    ids, targets, pos, weights = [], [], [], []
     for e in examples:
         ids += e.input_ids
-        targets += shifted_targets(e.labels)
+        these, w = example_targets(e, prompt_weight)
+        targets += these
+        weights += w or []
         pos += range(len(e))
     as_row = lambda xs: torch.tensor(xs, dtype=torch.long)[None]  # noqa: E731  (1, T)
     bounds = torch.tensor([0, *torch.tensor([len(e) for e in examples]).cumsum(0).tolist()], dtype=torch.int32)
     # cu_seq_lens_q: where each example starts and ends, for attention that skips work across examples
-    return {"input_ids": as_row(ids), "position_ids": as_row(pos), "targets": as_row(targets),
-            "cu_seq_lens_q": bounds}
+    batch = {"input_ids": as_row(ids), "position_ids": as_row(pos), "targets": as_row(targets),
+             "cu_seq_lens_q": bounds}
+    return batch if prompt_weight <= 0 else batch | {"weights": torch.tensor(weights, dtype=torch.float32)[None]}
 
 
-def collate(examples: list[Example], pad_id: int, packing: bool) -> dict:
+def collate(examples: list[Example], pad_id: int, packing: bool, prompt_weight: float = 0.0) -> dict:
     """A padded batch, or with ``packing`` one padding-free row carrying its example boundaries as host ints."""
-    return collate_varlen(examples) if packing else collate_padded(examples, pad_id)
+    if packing:
+        return collate_varlen(examples, prompt_weight=prompt_weight)
+    return collate_padded(examples, pad_id, prompt_weight)
+
+
+def trained_weight(batch: dict) -> float | int:
+    """What the loss of ``batch`` is normalized by: its trained targets, or with ``weights`` their summed weight
+    (prompt_loss_weight: reply tokens 1, prompt tokens the weight; sum_i w_i * ce_i / sum_i w_i over a step)."""
+    if "weights" in batch:
+        return float(batch["weights"].sum())
+    return int((batch["targets"] != IGNORE).sum())
 
 
 def padding_waste(batches: list[dict[str, torch.Tensor]]) -> float:
@@ -177,7 +206,7 @@ def pack_by_token_budget(order: list[int], lengths: list[int], max_tokens: int, 
     return plan
 
 
-def collate_varlen(examples: list[Example], max_tokens: int | None = None) -> dict:
+def collate_varlen(examples: list[Example], max_tokens: int | None = None, prompt_weight: float = 0.0) -> dict:
     """One padding-free row (1, T) of ``examples`` with their boundaries, for attention that works per example.
 
     Besides ``collate_packed``'s tensors: ``cu_seq_lens_q``/``_k`` (int32, (N+1,)) and ``max_length_q``/``_k``
@@ -188,7 +217,7 @@ def collate_varlen(examples: list[Example], max_tokens: int | None = None) -> di
     if max_tokens is not None:
         examples = [e if len(e) <= max_tokens else Example(e.input_ids[:max_tokens], e.labels[:max_tokens],
                                                             e.source) for e in examples]
-    batch = collate_packed(examples)
+    batch = collate_packed(examples, prompt_weight)
     lengths = [len(e) for e in examples]
     bounds = tuple(int(b) for b in batch["cu_seq_lens_q"].tolist())  # a CPU tensor built here: no device sync
     longest = max(lengths)

@@ -64,6 +64,15 @@ def policy_lines(kept: int, changed: dict[str, tuple[int, list[str]]]) -> list[s
     return out
 
 
+def prompt_weighted(ex: Example, prompt_weight: float) -> tuple[list[int], list[float]]:
+    """``prompt_loss_weight``: the labels of ``ex`` with its prompt tokens trained too, and each label's weight (1
+    for a reply token, ``prompt_weight`` for a prompt token). The prompt tokens are those ``_example`` masked, so
+    with weight 1 the labels are exactly those of ``train_on_source`` true; no boundary is stored besides the mask.
+    (An example whose prompt fills model_max_len is still dropped, as with prompt_loss_weight 0.)"""
+    labels = [t if lab == IGNORE else lab for t, lab in zip(ex.input_ids, ex.labels)]
+    return labels, [prompt_weight if lab == IGNORE else 1.0 for lab in ex.labels]
+
+
 def bos_ids(tokenizer) -> list[int]:
     """[bos] when the tokenizer adds a BOS token to plain text, else []."""
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]

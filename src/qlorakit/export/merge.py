@@ -43,6 +43,15 @@ def lora_deltas(run_dir: Path, adapter_cfg: dict) -> dict[str, torch.Tensor]:
     return deltas
 
 
+def dora_magnitudes(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Module name -> DoRA's trained magnitude per output row (use_dora runs; empty otherwise)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "adapter_model.safetensors")
+    return {key.split(".lora_magnitude_vector")[0].removeprefix("base_model.model."): m.float()
+            for key, m in weights.items() if ".lora_magnitude_vector" in key}
+
+
 def _dequantized_linear_weights(base_path: str, cfg) -> dict[str, torch.Tensor]:
     """Module name -> the dequantized weight of every quantized linear layer, as the run saw it in training."""
     import bitsandbytes as bnb
@@ -80,10 +89,14 @@ def merged_model(run_dir: Path, base: str = "dequantized", dtype: str | None = N
     if base == "dequantized" and cfg.bits in (4, 8):
         for name, w in _dequantized_linear_weights(base_path, cfg).items():
             modules[name].weight.data.copy_(w.view_as(modules[name].weight))
+    magnitudes = dora_magnitudes(run_dir)
     for name, delta in lora_deltas(run_dir, adapter_cfg).items():
         if name not in modules:
             raise UserError(f"adapter module {name} is not in {base_path}; is this the adapter's base model?")
-        modules[name].weight.data += delta
+        w = modules[name].weight.data
+        w += delta
+        if name in magnitudes:  # DoRA: each row of W + scale * B @ A rescaled to its trained magnitude
+            w *= (magnitudes[name] / w.norm(dim=1))[:, None]
         if not torch.isfinite(modules[name].weight).all():
             raise UserError(f"merging adapter 'default' into {name} gave non-finite weights; the adapter in "
                             f"{run_dir} is damaged (train again or use an earlier checkpoint)")

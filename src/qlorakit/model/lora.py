@@ -46,20 +46,30 @@ def target_modules(model: nn.Module, lora_modules: str) -> list[str]:
     return wanted
 
 
-def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, modules: list[str], seed: int):
-    """``model`` wrapped by peft with fresh LoRA adapters (float32) on ``modules``, their branch fused."""
+def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, modules: list[str], seed: int,
+             rslora: bool = False, dora: bool = False, init: str = "default", base_path: str | None = None):
+    """``model`` wrapped by peft with fresh LoRA adapters (float32) on ``modules``, their branch fused.
+
+    ``rslora``: scale alpha/sqrt(r) (peft's ``scaling``, which the fused branch reads). ``dora``: peft's DoRA
+    layers, which keep peft's own forward (the fused branch serves plain LoRA only). ``init``: default (A
+    Kaiming-uniform, B 0), gaussian, or loftq (model/loftq.py: needs ``base_path``, the base's safetensors)."""
     from peft import LoraConfig, get_peft_model
 
     from .fused_lora import use_fused_lora
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none",
-                     task_type="CAUSAL_LM")
+                     task_type="CAUSAL_LM", use_rslora=rslora, use_dora=dora,
+                     init_lora_weights="gaussian" if init == "gaussian" else True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA A init is random: make it depend on the seed alone
         peft_model = get_peft_model(model, cfg)
     for name, p in peft_model.named_parameters():
         if p.requires_grad:
             p.data = p.data.float()
+    if init == "loftq":
+        from .loftq import loftq_init
+
+        loftq_init(peft_model, base_path)
     use_fused_lora(peft_model)
     return peft_model
 

@@ -154,19 +154,41 @@ def trained_positions(targets: torch.Tensor, ignore_index: int = -100) -> tuple[
     return index, flat[index]
 
 
+def weighted_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+                               ) -> tuple[torch.Tensor, float]:
+    """sum_i w_i * ce_i over rows of ``logits`` (N, V) against ``targets`` (N,) with ``weights`` (N,), and sum_i w_i:
+    the loss of ``prompt_loss_weight`` (reply tokens weigh 1, prompt tokens the weight). The step divides the sum
+    over all its micro-batches by the summed weight, so weight 0 is the replies-only loss and 1 train_on_source's."""
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    weights = weights.to(ce.device, non_blocking=True)
+    return (ce * weights).sum(), float(weights.sum())
+
+
 def loss_sum_chunked(model, inputs: dict, targets: torch.Tensor, device: torch.device,
-                     ignore_index: int = -100, backend: str = "auto") -> tuple[torch.Tensor, int]:
+                     ignore_index: int = -100, backend: str = "auto",
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int | float]:
     """Summed cross entropy over the trained positions of a batch, and their count, by the chunked head.
 
     ``inputs``: the model's keyword arguments, already on ``device``; ``targets``: (B, T), still on the host. The
     model runs with ``output_hidden_states`` and projects one position per row (``logits_to_keep=1``); the last
     hidden state (after the final norm) of the trained positions goes through ``linear_cross_entropy_sum``.
+    ``weights`` (B, T) (``prompt_loss_weight``): the weighted sum and the summed weight instead, one chunked sum per
+    distinct weight (reply tokens and prompt tokens), each scaled by its weight.
     """
     index, picked = trained_positions(targets, ignore_index)
     out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
     hidden = out.hidden_states[-1]  # (B, T, d), after the final norm
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index.to(device, non_blocking=True))
     head = causal_lm(model).get_output_embeddings()
-    loss = linear_cross_entropy_sum(rows, head.weight, picked.to(device, non_blocking=True), head.bias,
-                                    ignore_index=ignore_index, backend=backend)
-    return loss, int(index.numel())
+    if weights is None:
+        loss = linear_cross_entropy_sum(rows, head.weight, picked.to(device, non_blocking=True), head.bias,
+                                        ignore_index=ignore_index, backend=backend)
+        return loss, int(index.numel())
+    w = weights.reshape(-1)[index]
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    for value in w.unique().tolist():
+        sel = (w == value).nonzero().squeeze(1)
+        loss = loss + value * linear_cross_entropy_sum(rows.index_select(0, sel.to(device)), head.weight,
+                                                       picked[sel].to(device), head.bias, ignore_index=ignore_index,
+                                                       backend=backend)
+    return loss, float(w.sum())

@@ -32,7 +32,8 @@ RESUME_KEYS = ("model_name_or_path", "dataset", "datasets", "dataset_format", "p
                "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "seed", "lora_r",
                "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant",
                "data_seed", "source_max_len", "target_max_len", "max_train_samples", "adam_beta1", "adam_beta2",
-               "adam_epsilon")
+               "adam_epsilon", "neftune_noise_alpha", "use_rslora", "loraplus_lr_ratio", "init_lora_weights",
+               "use_dora", "prompt_loss_weight")
 
 
 class CheckpointError(UserError):

@@ -124,7 +124,8 @@ def optimizer_state(model, optimizer) -> dict:
 def load_optimizer(model, optimizer, state: dict) -> None:
     """Restore a checkpoint's optimizer state, whichever way it was written: keyed by position (one process, DDP)
     or by parameter name (FSDP), so a run can switch between DDP and FSDP when it resumes."""
-    names = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]  # the optimizer's order
+    name_of = {id(p): n for n, p in unwrap(model).named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]  # the optimizer's order
     if not is_fsdp(model):
         optimizer.load_state_dict(_rekey(state, {n: i for i, n in enumerate(names)}))
         return

@@ -7,15 +7,29 @@ import math
 import torch
 
 
+def param_groups(named_params, lr: float, loraplus_lr_ratio: float = 0.0) -> list[dict]:
+    """The trainable parameters of ``named_params`` (name, parameter) as the optimizer's groups: one at ``lr``, or
+    with LoRA+ (``loraplus_lr_ratio`` > 0; Hayou et al. 2024) two: the LoRA B matrices (``lora_B``) at
+    ``lr * loraplus_lr_ratio``, everything else (A, DoRA's magnitudes) at ``lr``. The schedule scales every group's
+    rate by the same factor, so B stays at the ratio times A's rate throughout."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    if not loraplus_lr_ratio:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    return [{"params": [p for n, p in named if "lora_B" not in n], "lr": lr},
+            {"params": [p for n, p in named if "lora_B" in n], "lr": lr * loraplus_lr_ratio}]
+
+
 def build_optimizer(name: str, params, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
                     eps: float = 1e-8) -> torch.optim.Optimizer:
-    """``betas`` and ``eps``: the Adam variants' (adam_beta1, adam_beta2, adam_epsilon); SGD has none."""
+    """``params``: parameters, or groups of them (``param_groups``). ``betas`` and ``eps``: the Adam variants'
+    (adam_beta1, adam_beta2, adam_epsilon); SGD has none."""
     params = list(params)
     if name == "adamw_torch":
         from ..model.cuda import adamw_options
 
+        flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
-                                 **adamw_options(params))
+                                 **adamw_options(flat))
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     import bitsandbytes as bnb

@@ -34,11 +34,12 @@ from ..model.loss import supports_chunked_loss
 from ..model.load import (apply_cache_dequantized, enable_gradient_checkpointing, load_base_for_run, model_tokenizer,
                           resolve_model_path)
 from ..model.lora import add_lora, target_modules, trainable_report, unwrap
+from ..model.neftune import add_neftune
 from . import checkpoint as ckpt
 from . import processes, schedule
 from .distributed import load_adapter, load_optimizer, wrap_model
 from .mmlu import MMLU, load_mmlu, mmlu_file
-from .optim import build_optimizer, build_scheduler, warmup_steps
+from .optim import build_optimizer, build_scheduler, param_groups, warmup_steps
 from .progress import Metrics, Progress
 from .step import accumulate, supports_packing
 from .tracking import Trackers, require_trackers, start_trackers
@@ -176,7 +177,9 @@ def build_model(cfg: TrainConfig, path: str, device: torch.device):
     apply_cache_dequantized(model, cache_setting, cfg.bits, dtype, device)
     modules = target_modules(model, cfg.lora_modules)
     model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, modules=modules,
-                     seed=cfg.seed)
+                     seed=cfg.seed, rslora=cfg.use_rslora, dora=cfg.use_dora, init=cfg.init_lora_weights,
+                     base_path=path)
+    add_neftune(model, cfg.neftune_noise_alpha)
     return model, modules
 
 
@@ -224,6 +227,9 @@ def log_summary(cfg: TrainConfig, info: processes.DistInfo, model, base_path: st
     log.info("model: %s (%s, %d-bit%s), LoRA r=%d alpha=%g on %s", base_path, type(model.get_base_model()).__name__,
              cfg.bits, f" {cfg.quant_type}{' double-quant' if cfg.double_quant else ''}" if cfg.bits == 4 else "",
              cfg.lora_r, cfg.lora_alpha, ", ".join(modules))
+    log.info("levers: init %s, rslora %s, dora %s, loraplus_lr_ratio %g, neftune_noise_alpha %g, prompt_loss_weight "
+             "%g", cfg.init_lora_weights, cfg.use_rslora, cfg.use_dora, cfg.loraplus_lr_ratio,
+             cfg.neftune_noise_alpha, cfg.prompt_loss_weight)
     lines, n_trainable, n_total = trainable_report(model)
     log.info("trainable parameters by module kind:")
     for line in lines:
@@ -335,7 +341,8 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
         log_summary(cfg, info, model, base_path, modules, len(train_ex), total, packing)
     model = wrap_model(model, cfg, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay,
+    groups = param_groups(model.named_parameters(), cfg.learning_rate, cfg.loraplus_lr_ratio)  # LoRA+: B faster
+    optimizer = build_optimizer(cfg.optim, groups, cfg.learning_rate, cfg.weight_decay,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
     scheduler = build_scheduler(optimizer, total, cfg.warmup_ratio, cfg.lr_scheduler_type)
     cache_lora_casts(unwrap(model), optimizer)  # bf16 copies of the adapters made once per optimizer step

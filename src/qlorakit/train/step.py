@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from ..data.batching import collate, collate_varlen, to_device
+from ..data.batching import collate, collate_varlen, to_device, trained_weight
 from ..data.tokenize import IGNORE
 from ..errors import UserError
-from ..model.loss import causal_lm, loss_sum_chunked
+from ..model.loss import causal_lm, loss_sum_chunked, weighted_cross_entropy_sum
+from ..model.neftune import example_lengths
 from . import checkpoint as ckpt
 from . import processes
 from .schedule import ScheduledStep
@@ -64,9 +65,10 @@ def loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device,
     vocabulary projection for prompt and padding positions. ``chunked``: the head and the loss run a chunk of
     trained positions at a time (model/loss.py), so full-vocabulary float32 logits never exist.
     """
-    inputs = to_device({k: v for k, v in batch.items() if k != "targets"}, device)
+    inputs = to_device({k: v for k, v in batch.items() if k not in ("targets", "weights")}, device)
+    weights = batch.get("weights")  # (B, T) with prompt_loss_weight: the sum is weighted, the count the weight's
     if chunked:
-        return loss_sum_chunked(model, inputs, batch["targets"], device, ignore_index=IGNORE)
+        return loss_sum_chunked(model, inputs, batch["targets"], device, ignore_index=IGNORE, weights=weights)
     targets = batch["targets"].to(device)
     keep = targets != IGNORE  # (B, T)
     if accepts(model, "logits_to_keep"):
@@ -75,11 +77,14 @@ def loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device,
     else:
         logits = model(**inputs, use_cache=False).logits[keep]
         picked = targets[keep]
+    if weights is not None:
+        return weighted_cross_entropy_sum(logits, picked, weights.to(device)[keep])
     return F.cross_entropy(logits.float(), picked, reduction="sum"), int(keep.sum())
 
 
-def count_trained(batches: list[dict[str, torch.Tensor]]) -> int:
-    return sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+def count_trained(batches: list[dict[str, torch.Tensor]]) -> int | float:
+    """The loss's divisor: trained tokens, or their summed weight with prompt_loss_weight (batching.trained_weight)."""
+    return sum(trained_weight(b) for b in batches)
 
 
 MIN_OFFLOAD_BYTES = 1024  # smaller saved tensors stay where they are: a copy would cost more than it frees
@@ -127,7 +132,7 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.devi
         ctx = sync_ctx() if (sync_ctx is not None and not last) else contextlib.nullcontext()
         saved = activation_offload(device) if offload else contextlib.nullcontext()
         with ctx, saved:
-            with autocast(device, use_bf16):
+            with autocast(device, use_bf16), example_lengths(model, batch):  # NEFTune's per-example noise
                 loss, _ = loss_sum(model, batch, device, chunked)
             (loss * (weights[i] * grad_scale / n_tokens)).backward()
         total += weights[i] * float(loss.detach())
@@ -139,7 +144,7 @@ class StepResult:
     """What one optimizer step did (every number summed over the ranks)."""
 
     loss: float  # summed per-token loss / trained_tokens; NaN or inf when the step was skipped for it
-    trained_tokens: int  # positions with a target
+    trained_tokens: int | float  # positions with a target (their summed weight with prompt_loss_weight)
     tokens_seen: int  # real token positions (padding excluded)
     grad_norm: float  # before clipping
     learning_rate: float  # the rate this step's update used
@@ -152,8 +157,9 @@ def step_batches(run: Run, step: ScheduledStep) -> tuple[list[dict], list[float]
     ex = run.train_ex
     filler = [min(step.examples, key=lambda i: len(ex[i]))]
     budget = run.cfg.max_tokens_per_batch
-    batches = [collate_varlen([ex[i] for i in (ids or filler)], budget) if budget else
-               collate([ex[i] for i in (ids or filler)], run.pad_id, run.packing) for ids in step.micro_batches]
+    w = run.cfg.prompt_loss_weight
+    batches = [collate_varlen([ex[i] for i in (ids or filler)], budget, w) if budget else
+               collate([ex[i] for i in (ids or filler)], run.pad_id, run.packing, w) for ids in step.micro_batches]
     weights = [1.0 if ids else 0.0 for ids in step.micro_batches]
     return batches, weights, [b for b, ids in zip(batches, step.micro_batches) if ids]
 
@@ -167,7 +173,8 @@ def optimizer_step(run: Run, step: ScheduledStep) -> StepResult:
     learning-rate schedule. A non-finite loss or gradient norm skips the update (``skip_nonfinite``)."""
     info, device, cfg = run.info, run.device, run.cfg
     batches, weights, real = step_batches(run, step)
-    n_tokens = int(processes.all_sum(count_trained(real), info, device))
+    n_tokens = processes.all_sum(count_trained(real), info, device)  # a token count, or a weight (float)
+    n_tokens = int(n_tokens) if float(n_tokens).is_integer() else n_tokens
     summed = run.hooks.accumulate(run.model, batches, device, run.use_bf16, n_tokens, grad_scale=info.world_size,
                                   weights=weights, chunked=run.chunked_loss, offload=cfg.offload_activations)
     loss = processes.all_sum(summed, info, device) / n_tokens
