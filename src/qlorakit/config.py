@@ -138,7 +138,19 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                             ("no", "steps", "epoch"))
     eval_steps: int = _f(50, "Evaluate every N steps when eval_strategy is 'steps'.")
     per_device_eval_batch_size: int = _f(8, "Examples per eval batch.")
-    load_best_model_at_end: bool = _f(False, "Leave the best checkpoint's adapter (by eval loss) at the root.")
+    load_best_model_at_end: bool = _f(False, "Leave the best checkpoint's adapter (by metric_for_best_model) at the "
+                                      "root.")
+    eval_generate: int = _f(32, "At each evaluation also answer the first N eval examples greedily in the run's "
+                            "prompt format and score the answers against the references (eval_exact_match, "
+                            "eval_token_f1, eval_rouge_l); 0 = off. 32: enough answers to see them change between "
+                            "evaluations, few enough that generating them stays a small cost beside training's on a "
+                            "CPU.")
+    eval_max_new_tokens: int = _f(128, "Longest answer generated at those evaluations, in tokens (a longer one is "
+                                  "scored as cut); 128 holds a closed-context answer with its cited source.")
+    metric_for_best_model: str = _f("eval_loss", "What makes an evaluation the best (load_best_model_at_end, the "
+                                    "checkpoint save_total_limit keeps, early_stopping_patience): eval_loss (lower "
+                                    "is better), or an answer metric, higher is better (needs eval_generate).",
+                                    ("eval_loss", "exact_match", "token_f1", "rouge_l"))
     early_stopping_patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.")
     save_strategy: str = _f("epoch", "When to write checkpoint-STEP/ folders.", ("no", "steps", "epoch"))
     save_steps: int = _f(100, "Save every N steps when save_strategy is 'steps'.")
@@ -363,6 +375,12 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append("early_stopping_patience: needs evaluation; set eval_strategy to steps or epoch")
     if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
         problems.append("load_best_model_at_end: needs evaluation; set eval_strategy to steps or epoch")
+    if cfg.eval_generate < 0 or cfg.eval_max_new_tokens < 1:
+        problems.append(f"eval_generate, eval_max_new_tokens: must be >= 0 and >= 1, got {cfg.eval_generate} and "
+                        f"{cfg.eval_max_new_tokens}")
+    if cfg.metric_for_best_model != "eval_loss" and (not cfg.eval_generate or cfg.train_on_source):
+        problems.append(f"metric_for_best_model: {cfg.metric_for_best_model} scores generated answers; set "
+                        "eval_generate above 0 (and train_on_source false, which leaves no prompt to answer)")
     return problems + validate_qlora_keys(cfg)  # compat.py
 
 
