@@ -81,3 +81,22 @@ def test_runs_of_another_base_are_refused_in_one_line(run_dir, tmp_path, capsys)
     assert main(["compare", str(run_dir), str(other)]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "trained on someone/else" in err and "compare runs of one base" in err
+
+
+def test_compare_scores_the_runs_own_eval_split(tiny_llama, tmp_path):
+    """A run with an eval split is compared on it: the same examples, the same loss as training's last evaluation
+    (max_steps 1: one evaluation, of the adapter that was saved)."""
+    from helpers import read_metrics
+
+    data = write_jsonl(tmp_path / "train.jsonl", airoboros_rows(8))
+    out = tmp_path / "split"
+    assert main(["train", "--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+                 "--eval_dataset_size", "3", "--eval_strategy", "steps", "--eval_steps", "1", "--max_steps", "1",
+                 "--eval_generate", "0", "--save_strategy", "no", "--bf16", "false", "--learning_rate", "0.02"]) == 0
+    res_file = tmp_path / "c.json"
+    assert main(["compare", str(out), "--generate", "0", "--output", str(res_file)]) == 0
+    res = json.loads(res_file.read_text())
+    assert res["rows"]["source"] == f"the eval split of {out}" and res["rows"]["scored"] == 3
+    (row,) = read_metrics(out, "eval_loss")
+    assert res["scores"]["split"]["eval_loss"] == pytest.approx(row["eval_loss"], rel=1e-3)  # 4-bit base reloaded
+    assert res["scores"]["split"]["eval_tokens"] == row["eval_tokens"]

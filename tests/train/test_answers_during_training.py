@@ -133,3 +133,24 @@ def test_metric_for_best_model_is_checked():
     assert "greater_is_better: true contradicts metric_for_best_model eval_loss" in str(e.value)
     assert build_config(["--metric_for_best_model", "loss"]).metric_for_best_model == "eval_loss"  # the Trainer's
     assert build_config(["--metric_for_best_model", "exact_match", "--greater_is_better", "true"]).eval_generate == 32
+
+
+def test_a_checkpoint_from_before_metric_for_best_model_resumes_with_its_best(tiny_llama, tmp_path):
+    """An older qlorakit's trainer_state.json has best_eval_loss and no best_metric: the resumed run still knows its
+    best (step 2, loss 1.0), so a later 1.2 is no improvement. Without that, the resumed run would take step 3's
+    1.5 as a first best and step 4's 1.2 as the best."""
+    data = write_jsonl(tmp_path / "train.jsonl", airoboros_rows(10))
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir", str(out),
+            "--eval_dataset_size", "2", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps",
+            "--save_steps", "1", "--save_total_limit", "0", "--per_device_train_batch_size", "2", "--bf16", "false",
+            "--eval_generate", "0"]
+    train_with([*args, "--max_steps", "2"], evaluate=scripted_eval([2.0, 1.0]))
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    old = json.loads(state_file.read_text())
+    assert old["best_metric"] == old["best_eval_loss"] == 1.0
+    del old["best_metric"]
+    state_file.write_text(json.dumps(old))
+    result = train_with([*args, "--max_steps", "4", "--resume_from_checkpoint", "latest"],
+                        evaluate=scripted_eval([1.5, 1.2]))
+    assert (result.best_step, result.best_eval_loss) == (2, 1.0)
