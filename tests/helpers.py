@@ -95,6 +95,18 @@ def scripted_eval(values: list[float]):
     return evaluate
 
 
+def scripted_answers(values: list[float]):
+    """An ``answer`` hook for ``train_with`` that returns ``values`` in turn as every answer metric (eval_exact_match,
+    eval_token_f1, eval_rouge_l) instead of generating."""
+    it = iter(values)
+
+    def answer(model, tokenizer, examples, *, n, **kw):
+        v = next(it)
+        return {"eval_exact_match": v, "eval_token_f1": v, "eval_rouge_l": v, "eval_answered": n}
+
+    return answer
+
+
 def adapter_weights(run_dir: Path, only_b: bool = False) -> dict:
     """The adapter tensors of a run (or a checkpoint), or only its lora_B ones."""
     w = load_file(Path(run_dir) / "adapter_model.safetensors")

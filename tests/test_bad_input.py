@@ -195,6 +195,7 @@ def test_tokenizer_without_pad_and_a_fully_masked_row_train(tiny_llama, tmp_path
     (["generate", "run", "--input", "a.jsonl", "--output", "b.jsonl", "--batch_size", "0"],
      ["--batch_size: expects a whole number of at least 1, got '0'"]),
     (["eval", "run"], ["give --dataset FILE and/or --mmlu FILE"]),
+    (["compare", "a", "b", "--examples", "x"], ["--examples", "'x'"]),
 ])
 def test_bad_run_command_arguments(argv, want, capsys):
     """merge, export, eval, chat and generate parse with the one parser; each mistake is one line."""
@@ -203,7 +204,7 @@ def test_bad_run_command_arguments(argv, want, capsys):
     assert all(w in err for w in want), err
 
 
-COMMANDS = ["train", "data", "merge", "export", "chat", "generate", "eval", "plan"]
+COMMANDS = ["train", "data", "merge", "export", "chat", "generate", "eval", "compare", "plan"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -43,6 +43,8 @@ COMMANDS = {
                         "answer a JSONL of prompts"),
     "eval": Command("qlorakit.evaluate.command", "eval_main", "eval RUN_DIR --dataset FILE",
                     "loss, perplexity and answer scores, base vs tuned"),
+    "compare": Command("qlorakit.evaluate.compare", "compare_main", "compare RUN_A RUN_B ...",
+                       "runs and their base side by side: scores, answers, update sizes"),
     "plan": Command("qlorakit.plan.command", "plan_main", "plan MODEL [--config run.yaml] [--key value ...]",
                     "peak memory per device before you rent GPUs"),
 }

@@ -73,6 +73,9 @@ class QloraKeys:
                            "qlora's names mmlu-fs (five-shot) and mmlu-zs (zero-shot), read from data/mmlu/ as in "
                            "a qlora checkout.")
     mmlu_split: str = _key("eval", "With mmlu-fs or mmlu-zs: the validation (eval) or test file.", ("eval", "test"))
+    greater_is_better: str = _key("auto", "The Trainer's direction of metric_for_best_model: auto = the one the "
+                                  "metric implies (eval_loss: lower is better; exact_match, token_f1, rouge_l: "
+                                  "higher); true or false must agree with it.", ("auto", "true", "false"))
     max_mmlu_samples: int = _key(0, "Score the first N MMLU questions only; 0 = all.")
     mmlu_source_max_len: int = _key(2048, "Longest MMLU prompt in tokens; a longer one keeps its end (the question).")
 
@@ -148,6 +151,8 @@ VALUE_ALIASES: dict[tuple[str, str], tuple[dict, str]] = {
                                            "the fork's ShareGPT-style conversations in the Llama 2 chat prompt: "
                                            "--dataset_format messages --prompt_format llama2"),
     ("dataset_format", "alpaca-clean"): ({"dataset_format": "alpaca"}, "--dataset_format alpaca"),
+    ("metric_for_best_model", "loss"): ({"metric_for_best_model": "eval_loss"}, "--metric_for_best_model eval_loss "
+                                        "(the Trainer adds the eval_ prefix)"),
     ("lr_scheduler_type", "constant_with_warmup"): ({"lr_scheduler_type": "constant"},
                                                     "--lr_scheduler_type constant (qlorakit's warms up over "
                                                     "warmup_ratio)"),
@@ -267,6 +272,11 @@ def validate_qlora_keys(cfg) -> list[str]:
     unknown = [n for n in report_to_names(cfg.report_to) if n not in ("none", "all", *TRACKERS)]
     if unknown:
         problems.append(f"report_to: {', '.join(unknown)} is not one of none, all, {', '.join(TRACKERS)}")
+    implied = "false" if cfg.metric_for_best_model == "eval_loss" else "true"
+    if cfg.greater_is_better not in ("auto", implied):
+        problems.append(f"greater_is_better: {cfg.greater_is_better} contradicts metric_for_best_model "
+                        f"{cfg.metric_for_best_model} ({'higher' if implied == 'true' else 'lower'} is better); "
+                        "leave it auto")
     if cfg.do_mmlu_eval and cfg.eval_strategy == "no":
         problems.append("do_mmlu_eval: MMLU is scored at each evaluation; set eval_strategy to steps or epoch")
     return problems

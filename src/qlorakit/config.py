@@ -16,7 +16,7 @@ import yaml
 
 from .compat import ALIASES, QLORA_KEYS, QloraKeys, add_alias_options, resolve, validate_qlora_keys
 from .config_values import ValueProblem, coerce
-from .levers import lever_problems
+from .config_checks import DATA_PAIRS, value_problems
 from .errors import UserError
 from .options import Parser, split_extras
 
@@ -155,7 +155,19 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                             ("no", "steps", "epoch"))
     eval_steps: int = _f(50, "Evaluate every N steps when eval_strategy is 'steps'.")
     per_device_eval_batch_size: int = _f(8, "Examples per eval batch.")
-    load_best_model_at_end: bool = _f(False, "Leave the best checkpoint's adapter (by eval loss) at the root.")
+    load_best_model_at_end: bool = _f(False, "Leave the best checkpoint's adapter (by metric_for_best_model) at the "
+                                      "root.")
+    eval_generate: int = _f(32, "At each evaluation also answer the first N eval examples greedily in the run's "
+                            "prompt format and score the answers against the references (eval_exact_match, "
+                            "eval_token_f1, eval_rouge_l); 0 = off. 32: enough answers to see them change between "
+                            "evaluations, few enough that generating them stays a small cost beside training's on a "
+                            "CPU.")
+    eval_max_new_tokens: int = _f(128, "Longest answer generated at those evaluations, in tokens (a longer one is "
+                                  "scored as cut); 128 holds a closed-context answer with its cited source.")
+    metric_for_best_model: str = _f("eval_loss", "What makes an evaluation the best (load_best_model_at_end, the "
+                                    "checkpoint save_total_limit keeps, early_stopping_patience): eval_loss (lower "
+                                    "is better), or an answer metric, higher is better (needs eval_generate).",
+                                    ("eval_loss", "exact_match", "token_f1", "rouge_l"))
     early_stopping_patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.")
     save_strategy: str = _f("epoch", "When to write checkpoint-STEP/ folders.", ("no", "steps", "epoch"))
     save_steps: int = _f(100, "Save every N steps when save_strategy is 'steps'.")
@@ -179,7 +191,6 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
 
 
 FIELDS = {f.name: f for f in sorted(dataclasses.fields(TrainConfig), key=lambda f: f.name in QLORA_KEYS)}
-DATA_PAIRS = (("dataset", "datasets"), ("eval_dataset", "eval_datasets"))  # one string or a YAML list: not both
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
@@ -340,47 +351,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, name) not in choices:
             problems.append(f"{name}: {getattr(cfg, name)!r} is not one of {', '.join(map(str, choices))}")
-    positive = ["per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "model_max_len",
-                "logging_steps", "per_device_eval_batch_size"]
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            problems.append(f"{name}: must be at least 1, got {getattr(cfg, name)}")
-    if cfg.learning_rate <= 0:
-        problems.append(f"learning_rate: must be > 0, got {cfg.learning_rate}")
-    if not 0 <= cfg.lora_dropout < 1:
-        problems.append(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout}")
-    if not 0 <= cfg.warmup_ratio < 1:
-        problems.append(f"warmup_ratio: must be in [0, 1), got {cfg.warmup_ratio}")
-    for name in ("weight_decay", "max_grad_norm", "eval_dataset_size", "save_total_limit",
-                 "early_stopping_patience", "lora_alpha", "neftune_noise_alpha"):
-        if getattr(cfg, name) < 0:
-            problems.append(f"{name}: must be >= 0, got {getattr(cfg, name)}")
-    if cfg.eval_dataset_size >= 1 and not float(cfg.eval_dataset_size).is_integer():
-        problems.append(f"eval_dataset_size: a count must be whole, got {cfg.eval_dataset_size}")
-    for one, many in DATA_PAIRS:
-        if getattr(cfg, many) and getattr(cfg, one) not in ("", "default"):
-            problems.append(f"{one} and {many} are both set; give the data as {one} (one source, or a mixture as "
-                            f"PATH:OPTION,PATH...) or as the {many} list, not both")
-    problems += lever_problems(cfg)
-    if cfg.max_steps <= 0 and cfg.num_train_epochs <= 0:
-        problems.append("num_train_epochs: must be > 0 when max_steps is not set")
-    if cfg.save_strategy == "steps" and cfg.save_steps < 1:
-        problems.append(f"save_steps: must be at least 1, got {cfg.save_steps}")
-    if cfg.eval_strategy == "steps" and cfg.eval_steps < 1:
-        problems.append(f"eval_steps: must be at least 1, got {cfg.eval_steps}")
-    if cfg.max_tokens_per_batch < 0:
-        problems.append(f"max_tokens_per_batch: must be >= 0, got {cfg.max_tokens_per_batch}")
-    elif 0 < cfg.max_tokens_per_batch < cfg.model_max_len:
-        problems.append(f"max_tokens_per_batch: {cfg.max_tokens_per_batch} is below model_max_len "
-                        f"{cfg.model_max_len}; raise it so every example fits one micro-batch")
-    elif cfg.max_tokens_per_batch and not cfg.packing:
-        problems.append("max_tokens_per_batch: needs packing true (it fills one padding-free row)")
-    if cfg.max_nonfinite_steps < 1:
-        problems.append(f"max_nonfinite_steps: must be at least 1, got {cfg.max_nonfinite_steps}")
-    if cfg.early_stopping_patience and cfg.eval_strategy == "no":
-        problems.append("early_stopping_patience: needs evaluation; set eval_strategy to steps or epoch")
-    if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
-        problems.append("load_best_model_at_end: needs evaluation; set eval_strategy to steps or epoch")
+    problems += value_problems(cfg)  # config_checks.py: ranges and combinations
     return problems + validate_qlora_keys(cfg)  # compat.py
 
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from .data.formats import Message
-from .data.templates import stop_text
+from .data.templates import stop_text, stop_token_ids
 from .data.tokenize import prompt_ids
-from .runs import stop_token_ids
+from .model.generate import compute_bf16, cut_at_stop, generate_batched
 
 
 @dataclass
@@ -31,34 +31,15 @@ class Sampling:
         return kw
 
 
-def _cut_at_stop(text: str, stop: str) -> str:
-    return text.split(stop, 1)[0] if stop and stop in text else text
-
-
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompt_format: str, conversations: list[list[Message]],
                      sampling: Sampling | None = None, batch_size: int = 8) -> list[str]:
     """One reply per conversation (each ending on a user turn), batched with left padding."""
     sampling = sampling or Sampling()
-    stop_ids, stop = stop_token_ids(tokenizer, prompt_format), stop_text(prompt_format, tokenizer)
-    device = next(model.parameters()).device
-    replies = []
-    for s in range(0, len(conversations), batch_size):
-        chunk = [prompt_ids(c, tokenizer, prompt_format) for c in conversations[s:s + batch_size]]
-        width = max(map(len, chunk))
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk], device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_compute_bf16(model)):
-            out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=stop_ids, pad_token_id=pad,
-                                 **sampling.generate_kwargs())
-        for row in out[:, width:]:
-            replies.append(_cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop).strip())
-    return replies
-
-
-def _compute_bf16(model) -> bool:
-    return any(p.dtype == torch.bfloat16 for p in model.parameters())
+    prompts = [prompt_ids(c, tokenizer, prompt_format) for c in conversations]
+    return generate_batched(model, tokenizer, prompts, stop_ids=stop_token_ids(tokenizer, prompt_format),
+                            stop=stop_text(prompt_format, tokenizer), batch_size=batch_size,
+                            **sampling.generate_kwargs())
 
 
 def stream_reply(model, tokenizer, prompt_format: str, history: list[Message], sampling: Sampling,
@@ -76,18 +57,18 @@ def stream_reply(model, tokenizer, prompt_format: str, history: list[Message], s
                   pad_token_id=tokenizer.pad_token_id, streamer=streamer, **sampling.generate_kwargs())
 
     def run():
-        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=_compute_bf16(model)):
+        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=compute_bf16(model)):
             model.generate(**kwargs)
 
     thread = threading.Thread(target=run)
     thread.start()
     text = ""
     for piece in streamer:
-        shown = _cut_at_stop(text + piece, stop)
+        shown = cut_at_stop(text + piece, stop)
         out.write(shown[len(text):])
         out.flush()
         text = shown
     thread.join()
     out.write("\n")
     out.flush()
-    return _cut_at_stop(text, stop).strip()
+    return cut_at_stop(text, stop).strip()

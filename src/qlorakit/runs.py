@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 
 from .config import load_run_config
-from .data.templates import stop_text
+from .data.templates import stop_token_ids  # noqa: F401  (the run's stop ids: merge, export)
 from .errors import UserError
 from .model.load import apply_cache_dequantized, load_base_for_run, load_tokenizer
 
@@ -48,12 +48,3 @@ def load_run(run_dir: str | Path, device: torch.device | None = None):
     model = PeftModel.from_pretrained(base, str(run_dir))
     model.eval()
     return model, tokenizer, cfg
-
-
-def stop_token_ids(tokenizer, prompt_format: str) -> list[int]:
-    ids = {tokenizer.eos_token_id}
-    stop = stop_text(prompt_format, tokenizer)
-    tid = tokenizer.convert_tokens_to_ids(stop) if stop else None
-    if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-        ids.add(tid)
-    return sorted(i for i in ids if i is not None)

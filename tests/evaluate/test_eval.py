@@ -9,7 +9,8 @@ import pytest
 from helpers import airoboros_rows, write_jsonl
 from qlorakit.cli import main
 
-KEYS = {"eval_loss", "eval_perplexity", "eval_tokens", "exact_match", "contains", "mmlu_accuracy"}
+KEYS = {"eval_loss", "eval_perplexity", "eval_tokens", "exact_match", "token_f1", "rouge_l", "contains",
+        "mmlu_accuracy"}
 
 
 def test_eval_reports_base_and_tuned(run_dir, tmp_path, capsys):
@@ -59,9 +60,12 @@ def test_the_output_keys_are_documented(capsys):
     assert all(k in doc for k in KEYS)
 
 
-def test_answer_scores():
+def test_answer_scores_are_the_training_metrics():
     from qlorakit.evaluate.command import answer_scores
 
-    assert answer_scores(["The answer is 42."], ["42"]) == {"exact_match": 0.0, "contains": 1.0}
-    assert answer_scores(["42."], ["42"]) == {"exact_match": 1.0, "contains": 1.0}
-    assert answer_scores(["no", "Paris"], ["yes", "paris"]) == {"exact_match": 0.5, "contains": 0.5}
+    # "the" is an article to SQuAD's normalization (token F1: 1 of 3 tokens, 2/4) but a token to ROUGE-L (1 of 4)
+    assert answer_scores(["The answer is 42."], ["42"]) == pytest.approx(
+        {"exact_match": 0.0, "token_f1": 0.5, "rouge_l": 0.4, "contains": 1.0})
+    assert answer_scores(["42."], ["42"]) == {"exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0, "contains": 1.0}
+    assert answer_scores(["no", "Paris"], ["yes", "paris"]) == {"exact_match": 0.5, "token_f1": 0.5, "rouge_l": 0.5,
+                                                               "contains": 0.5}

@@ -139,6 +139,16 @@ def stop_text(fmt_name: str, tokenizer) -> str:
     return PROMPT_FORMATS[fmt_name].end_text(tokenizer.eos_token or "")
 
 
+def stop_token_ids(tokenizer, prompt_format: str) -> list[int]:
+    """The ids generation stops on: the end-of-sequence token, and the format's end text where it is one token."""
+    ids = {tokenizer.eos_token_id}
+    stop = stop_text(prompt_format, tokenizer)
+    tid = tokenizer.convert_tokens_to_ids(stop) if stop else None
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+        ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
 def _split(template: str, slot: str) -> tuple[str, str]:
     before, after = template.split(slot)
     return before, after

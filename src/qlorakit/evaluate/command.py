@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..metrics import answer_metrics, normalize_answer
 from ..train.step import supports_packing
 from ..train.validate import eval_loss
 
@@ -15,16 +16,12 @@ from ..train.validate import eval_loss
 LETTERS = "ABCD"
 
 
-def _normalize(text: str) -> str:
-    return " ".join(text.lower().split()).strip(" .")
-
-
 def answer_scores(replies: list[str], references: list[str]) -> dict[str, float]:
-    """Exact match (after normalizing case and spaces) and 'contains' (the reference appears in the reply)."""
+    """The answer metrics of training's evaluation (metrics.py: exact_match, token_f1, rouge_l) and 'contains' (the
+    normalized reference appears in the normalized reply), each a mean over the rows."""
     n = max(len(references), 1)
-    exact = sum(_normalize(r) == _normalize(ref) for r, ref in zip(replies, references))
-    contains = sum(_normalize(ref) in _normalize(r) for r, ref in zip(replies, references))
-    return {"exact_match": exact / n, "contains": contains / n}
+    contains = sum(normalize_answer(ref) in normalize_answer(r) for r, ref in zip(replies, references))
+    return answer_metrics(replies, references) | {"contains": contains / n}
 
 
 def read_mmlu(path: Path) -> list[dict]:
@@ -72,12 +69,13 @@ def mmlu_accuracy(model, tokenizer, prompt_format: str, rows: list[dict]) -> flo
 
 EVAL_DESCRIPTION = """Score a run's tuned model beside its base model (the same weights with the adapter off), and
 print a table of both. With --dataset: the loss and perplexity per trained token, computed as in training, and answer
-scores of greedy replies to the first --generate rows (exact_match: the reply equals the reference after
-normalizing case and spaces; contains: the reference appears in the reply; each a share in [0, 1]). With --mmlu:
+scores of greedy replies to the first --generate rows, as training's evaluation scores them (exact_match and
+token_f1 on SQuAD-normalized text: case, punctuation, articles and spacing dropped; rouge_l: ROUGE-L F-measure;
+contains: the normalized reference appears in the normalized reply; each a mean in [0, 1]). With --mmlu:
 the share of questions whose answer letter is the most likely first token of the reply.
 
 --output writes {"base": {...}, "tuned": {...}}, each with the keys it measured: eval_loss, eval_perplexity,
-eval_tokens (the trained tokens the loss is over), exact_match, contains, mmlu_accuracy."""
+eval_tokens (the trained tokens the loss is over), exact_match, token_f1, rouge_l, contains, mmlu_accuracy."""
 
 
 def eval_parser():

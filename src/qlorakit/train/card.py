@@ -11,6 +11,7 @@ import yaml
 
 from ..config import FIELDS, TrainConfig, default_of
 from ..data.mixture import SourceSummary
+from ..metrics import LABELS, METRICS
 from ..resources import SAMPLE_DATASET
 from .card_metadata import HUB_ID, Scores, adapter_eval_row, card_data, front_matter, mmlu_scores, run_dir_scores, \
     scores_of_row
@@ -164,7 +165,9 @@ def hyperparameter_rows(cfg: TrainConfig) -> list[str]:
     return [f"| {k} | {getattr(cfg, k)} |" for k in keys]
 
 
-def results_section(metrics: list[dict], best_step: int | None, stopped: str) -> list[str]:
+def results_section(metrics: list[dict], best_step: int | None, stopped: str, metric: str = "eval_loss") -> list[str]:
+    """Training loss, each evaluation (with the answer metrics where eval_generate scored them), the best one by
+    ``metric`` (metric_for_best_model)."""
     train_rows = [m for m in metrics if "loss" in m]
     evals = [m for m in metrics if "eval_loss" in m]
     lines = []
@@ -172,12 +175,15 @@ def results_section(metrics: list[dict], best_step: int | None, stopped: str) ->
         first, last = train_rows[0], train_rows[-1]
         lines.append(f"Training loss went from {first['loss']:.4f} (step {first['step']}) to {last['loss']:.4f} "
                      f"(step {last['step']}, epoch {last['epoch']:.2f}).")
+    label = "eval loss" if metric == "eval_loss" else LABELS[metric]
     if evals:
-        lines += ["", "| step | epoch | eval loss | perplexity |", "|---|---|---|---|"]
-        lines += [f"| {m['step']} | {m['epoch']:.2f} | {m['eval_loss']:.4f} | {m['eval_perplexity']:.2f} |"
-                  for m in evals]
-        best = min(evals, key=lambda m: m["eval_loss"])
-        lines += ["", f"**Best evaluation: epoch {best['epoch']:.2f} (step {best['step']}), eval loss "
+        lines += eval_table(evals)
+        key = "eval_loss" if metric == "eval_loss" else f"eval_{metric}"
+        best = next((m for m in evals if m["step"] == best_step and m.get(key) is not None), None) or min(
+            evals, key=lambda m: m["eval_loss"])
+        by = "" if metric == "eval_loss" else f" by {label}"
+        value = f"{label} {best[key]:.4f}, " if key != "eval_loss" and best.get(key) is not None else ""
+        lines += ["", f"**Best evaluation{by}: epoch {best['epoch']:.2f} (step {best['step']}), {value}eval loss "
                       f"{best['eval_loss']:.4f}.**"]
         if best["step"] != evals[-1]["step"]:
             lines.append(f"The last evaluation was worse than the best: later steps overfit. Train for about "
@@ -185,8 +191,25 @@ def results_section(metrics: list[dict], best_step: int | None, stopped: str) ->
     else:
         lines.append("No evaluation split was used (set `eval_dataset_size` or `eval_dataset` to measure one).")
     if stopped == "early_stopping":
-        lines.append("The run stopped early: the eval loss stopped improving (`early_stopping_patience`).")
+        lines.append(f"The run stopped early: the {label} stopped improving (`early_stopping_patience`).")
     return lines + memory_lines(metrics) + mmlu_lines(metrics)
+
+
+def eval_table(evals: list[dict]) -> list[str]:
+    """One row per evaluation: loss, perplexity, and the answer metrics where the rows hold them."""
+    answers = [m for m in METRICS if any(f"eval_{m}" in r for r in evals)]
+    head = ["step", "epoch", "eval loss", "perplexity", *(LABELS[m] for m in answers)]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in evals:
+        cells = [str(r["step"]), f"{r['epoch']:.2f}", f"{r['eval_loss']:.4f}", f"{r['eval_perplexity']:.2f}"]
+        cells += [f"{r[f'eval_{m}']:.4f}" if r.get(f"eval_{m}") is not None else "" for m in answers]
+        lines.append("| " + " | ".join(cells) + " |")
+    if answers:
+        n = max(r.get("eval_answered", 0) for r in evals)
+        lines += ["", f"Answer metrics: greedy answers to {n} eval examples in the prompt format, against their "
+                      "references (exact match and token F1 on SQuAD-normalized text; ROUGE-L F-measure by "
+                      "rouge_score)."]
+    return lines
 
 
 def memory_lines(metrics: list[dict]) -> list[str]:
@@ -297,7 +320,7 @@ def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict],
         "## Training hyperparameters", "",
         "| setting | value |", "|---|---|", *hyperparameter_rows(cfg), "",
         "Reproduce:", "", "```bash", reproduce_command(cfg), "```", "", PATHS_NOTE, "",
-        "## Results", "", *results_section(metrics, best_step, stopped), "",
+        "## Results", "", *results_section(metrics, best_step, stopped, cfg.metric_for_best_model), "",
         "## How to use", "", *loading_section(out, base_path), "",
         "## Licence and usage", "",
         LICENSE_NOTE.format(base=base_name, base_license=lic, data_note=_data_note(sources)), "",

@@ -33,7 +33,7 @@ RESUME_KEYS = ("model_name_or_path", "dataset", "datasets", "dataset_format", "p
                "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant",
                "data_seed", "source_max_len", "target_max_len", "max_train_samples", "adam_beta1", "adam_beta2",
                "adam_epsilon", "neftune_noise_alpha", "use_rslora", "loraplus_lr_ratio", "init_lora_weights",
-               "use_dora", "prompt_loss_weight")
+               "use_dora", "prompt_loss_weight", "metric_for_best_model")
 
 
 class CheckpointError(UserError):
@@ -51,8 +51,9 @@ class TrainState:
     world_size: int = 1
     nonfinite_in_a_row: int = 0
     skipped_steps: int = 0
-    best_eval_loss: float | None = None
+    best_eval_loss: float | None = None  # the eval loss at best_step
     best_step: int | None = None
+    best_metric: float | None = None  # metric_for_best_model's value at best_step (older checkpoints: best_eval_loss)
     evals_without_improvement: int = 0
     eval_history: list = field(default_factory=list)
     data: dict | None = None  # the data's fingerprint and sources (data_record); None in older checkpoints
@@ -304,6 +305,8 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, rank: int = 0, load
     try:
         weights = load_file(ckpt / "adapter_model.safetensors")
         state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        if state.best_metric is None:  # written before metric_for_best_model: the best was by eval loss
+            state.best_metric = state.best_eval_loss
         opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
         sched_state = torch.load(ckpt / "scheduler.pt", weights_only=True)
         rng_file = ckpt / f"rng_state_{rank}.pt"

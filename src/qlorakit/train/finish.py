@@ -20,6 +20,7 @@ from .fit import FitOutcome
 from .loss_plot import plot_loss
 from .progress import Metrics
 from .setup import Run
+from .validate import metric_text
 
 log = logging.getLogger("qlorakit")
 
@@ -79,8 +80,8 @@ def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.Tra
                 set_peft_model_state_dict(peft_model, best_weights)
             else:
                 adapter_state = best_weights
-            log.info("load_best_model_at_end: the adapter at the root is %s's (eval loss %.4f)", best.name,
-                     state.best_eval_loss)
+            log.info("load_best_model_at_end: the adapter at the root is %s's (%s)", best.name,
+                     metric_text(cfg.metric_for_best_model, state.best_metric))
         else:
             log.warning("load_best_model_at_end: %s was not saved (save_strategy %s); keeping the last adapter",
                         best.name, cfg.save_strategy)
@@ -97,4 +98,5 @@ def write_run_dir(cfg: TrainConfig, model, tokenizer, out: Path, state: ckpt.Tra
     log.info("run directory: %s (adapter, tokenizer, qlorakit_config.yaml, metrics.jsonl, README.md)", out)
     if state.best_step is not None:
         best_epoch = next(m["epoch"] for m in state.eval_history if m["step"] == state.best_step)
-        log.info("best eval loss %.4f at step %d (epoch %.2f)", state.best_eval_loss, state.best_step, best_epoch)
+        log.info("best %s at step %d (epoch %.2f)", metric_text(cfg.metric_for_best_model, state.best_metric),
+                 state.best_step, best_epoch)

@@ -8,15 +8,17 @@ import signal
 import time
 from dataclasses import dataclass
 
+from ..metrics import LABELS, METRICS
 from ..model.cuda import peak_memory, reset_peak_memory
 from ..model.lora import unwrap
 from . import checkpoint as ckpt
 from . import processes
-from .distributed import adapter_state, optimizer_state
+from .distributed import adapter_state, is_fsdp, optimizer_state
 from .mmlu import mmlu_scores
 from .schedule import should_evaluate, should_evaluate_at_end, should_log, should_save
 from .setup import Run
 from .step import StepResult, TrainingStopped, optimizer_step
+from .validate import improved, metric_key
 
 log = logging.getLogger("qlorakit")
 
@@ -127,19 +129,34 @@ def evaluate_and_save(run: Run, stop: StopRequest) -> str:
 
 
 def scores(run: Run) -> dict:
-    """This step's evaluation: the held-out loss (where there is an eval split) and MMLU (do_mmlu_eval)."""
+    """This step's evaluation: the held-out loss (where there is an eval split), answers to eval_generate of its
+    examples scored against their references, and MMLU (do_mmlu_eval)."""
     cfg, res = run.cfg, {}
     kw = dict(batch_size=cfg.per_device_eval_batch_size, pad_id=run.pad_id, device=run.device, use_bf16=run.use_bf16)
     if run.eval_ex:
         res.update(run.hooks.evaluate(run.model, run.eval_ex, packing=run.packing, **kw))
+        if cfg.eval_generate and not cfg.train_on_source:  # train_on_source: no prompt/reply boundary to answer at
+            res.update(run.hooks.answer(run.model, run.tokenizer, run.eval_ex, n=cfg.eval_generate,
+                                        prompt_format=cfg.prompt_format, max_new_tokens=cfg.eval_max_new_tokens,
+                                        batch_size=cfg.per_device_eval_batch_size, info=run.info,
+                                        fsdp=is_fsdp(run.model)))
     if run.mmlu is not None:
         res.update(mmlu_scores(run.model, run.mmlu, **kw))
     return res
 
 
+def eval_line(run: Run, res: dict) -> str:
+    """The progress line of an evaluation: loss, the answer metrics, MMLU."""
+    shown = [f"loss {res['eval_loss']:.4f} perplexity {res['eval_perplexity']:.2f}"] if "eval_loss" in res else []
+    shown += [f"{LABELS[m]} {res[metric_key(m)]:.4f}" for m in METRICS if metric_key(m) in res]
+    if run.mmlu is not None:
+        shown.append(f"MMLU {run.mmlu.split} accuracy {res[f'mmlu_{run.mmlu.split}_accuracy']:.4f}")
+    return f"eval at step {run.state.step}: {', '.join(shown)}"
+
+
 def evaluate(run: Run) -> bool:
-    """The held-out loss at this step: a metrics row, a line, the best so far updated. True when early stopping's
-    patience has run out."""
+    """The held-out scores at this step: a metrics row, a line, the best so far (by metric_for_best_model) updated.
+    True when early stopping's patience has run out."""
     state, cfg = run.state, run.cfg
     if not run.eval_ex and run.mmlu is None:
         return False
@@ -147,20 +164,20 @@ def evaluate(run: Run) -> bool:
     row = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4), **res}
     run.metrics.write(row)
     state.eval_history.append(row)
-    shown = [f"loss {res['eval_loss']:.4f} perplexity {res['eval_perplexity']:.2f}"] if "eval_loss" in res else []
-    if run.mmlu is not None:
-        shown.append(f"MMLU {run.mmlu.split} accuracy {res[f'mmlu_{run.mmlu.split}_accuracy']:.4f}")
-    run.bar.write(f"eval at step {state.step}: {', '.join(shown)}")
-    if "eval_loss" not in res:
+    run.bar.write(eval_line(run, res))
+    metric, key = cfg.metric_for_best_model, metric_key(cfg.metric_for_best_model)
+    if key not in res:
         return False
-    if state.best_eval_loss is None or res["eval_loss"] < state.best_eval_loss:
-        state.best_eval_loss, state.best_step, state.evals_without_improvement = res["eval_loss"], state.step, 0
+    if improved(metric, res[key], state.best_metric):
+        state.best_metric, state.best_step, state.evals_without_improvement = res[key], state.step, 0
+        state.best_eval_loss = res.get("eval_loss")
         return False
     state.evals_without_improvement += 1
     if not (cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience):
         return False
     if run.info.is_main:
-        log.info("early stopping: no lower eval loss in %d evaluations; the best was at step %d",
+        better = "lower eval loss" if key == "eval_loss" else f"higher {LABELS[metric]}"
+        log.info("early stopping: no %s in %d evaluations; the best was at step %d", better,
                  state.evals_without_improvement, state.best_step)
     return True
 

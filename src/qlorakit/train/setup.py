@@ -43,7 +43,7 @@ from .optim import build_optimizer, build_scheduler, param_groups, warmup_steps
 from .progress import Metrics, Progress
 from .step import accumulate, supports_packing
 from .tracking import Trackers, require_trackers, start_trackers
-from .validate import eval_loss
+from .validate import eval_answers, eval_loss
 
 log = logging.getLogger("qlorakit")
 
@@ -54,6 +54,7 @@ class Hooks:
     device with little free memory). Each has the signature of the function it defaults to."""
 
     evaluate: Callable[..., dict] = eval_loss  # held-out loss: validate.eval_loss
+    answer: Callable[..., dict] = eval_answers  # answers generated and scored (eval_generate): validate.eval_answers
     accumulate: Callable[..., float] = accumulate  # forward and backward of one step's micro-batches: step.accumulate
     free_memory: Callable[[torch.device], int | None] = devices.free_memory  # bytes free on the device
 
