@@ -117,7 +117,7 @@ def run_server(app, host: str, port: int) -> None:
 
 
 class BackgroundServer:
-    """``app`` served on ``host:port`` from a thread, for tests and benchmarks: ``with BackgroundServer(...) as url``."""
+    """``app`` served on ``host:port`` from a thread (tests, benchmarks): ``with BackgroundServer(app) as url``."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0, timeout: float = 60.0):
         self.host, self.port = host, port or free_port(host)
