@@ -9,9 +9,9 @@ import shutil
 import openai
 import pytest
 
-from qlorakit.data.formats import Message
+from qlorakit.data.formats import Conversation, Message
 from qlorakit.data.templates import NAMES, chat_template, render_text
-from qlorakit.data.tokenize import bos_ids
+from qlorakit.data.tokenize import bos_ids, tokenize_conversation
 from qlorakit.export.gguf_llama_cpp import find_converter
 from qlorakit.export.merge import end_of_turn_id, merged_model, save_merged
 from qlorakit.export.gguf_write import write_gguf
@@ -23,6 +23,12 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter  # noqa: E402
 
 TURNS = [Message("system", "You answer briefly."), Message("user", "Name a stone."),
          Message("assistant", "Quartz."), Message("user", "And a river?")]
+
+
+def training_prompt(tokenizer, fmt: str) -> list[int]:
+    """Training's ids for TURNS and a next reply, up to where the reply's trained tokens start."""
+    ex = tokenize_conversation(Conversation((*TURNS, Message("assistant", "The harbor river.")), "t"), tokenizer, fmt)
+    return ex.input_ids[:len(ex.input_ids) - ex.spans[-1][0]]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +45,41 @@ def llama_rendering(gguf_file, messages) -> tuple[str, object]:
     formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=text(llm.token_eos()),
                                     bos_token=text(llm.token_bos()))
     return formatter(messages=[{"role": m.role, "content": m.content} for m in messages]).prompt, llm
+
+
+@pytest.fixture(scope="module")
+def llm(merged, tmp_path_factory):
+    gguf_file = write_gguf(merged[0], tmp_path_factory.mktemp("gguf") / "run.gguf", "f32")
+    return llama_cpp.Llama(str(gguf_file), n_ctx=512, verbose=False)
+
+
+def fed_prompts(monkeypatch) -> list:
+    """The prompts llama.cpp's completions are given from now on (Llama.create_completion, wrapped)."""
+    seen, original = [], llama_cpp.Llama.create_completion
+
+    def capture(self, prompt, *args, **kwargs):
+        seen.append(prompt)
+        return original(self, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp.Llama, "create_completion", capture)
+    return seen
+
+
+@pytest.mark.parametrize("fmt", NAMES)
+def test_llama_cpp_is_fed_the_tokens_training_rendered(llm, merged, fmt, monkeypatch):
+    from qlorakit.serve.llama_chat import register_handler
+
+    tokenizer = merged[1]
+    seen = fed_prompts(monkeypatch)
+    llm.chat_format = register_handler(tokenizer, fmt)
+    reply = llm.create_chat_completion([{"role": m.role, "content": m.content} for m in TURNS], max_tokens=2,
+                                       temperature=0)
+    assert seen == [training_prompt(tokenizer, fmt)] and reply["choices"][0]["finish_reason"]
+    # the broken twin, llama-cpp-python's own handler: the template's text tokenized in one piece
+    if fmt in ("airoboros", "vicuna", "alpaca", "llama2"):
+        joint = llm.tokenize(render_text(TURNS, fmt, tokenizer, add_generation_prompt=True).encode(), add_bos=False,
+                             special=True)
+        assert joint != seen[0]
 
 
 @pytest.mark.parametrize("fmt", NAMES)
@@ -62,7 +103,7 @@ def test_broken_twin_a_template_without_the_system_slot_is_caught(merged, tmp_pa
     assert prompt != render_text(TURNS, "airoboros", tokenizer, add_generation_prompt=True)
 
 
-def test_export_writes_the_run_format_and_the_llama_cpp_server_answers(run_dir, tmp_path):
+def test_export_writes_the_run_format_and_the_llama_cpp_server_answers(run_dir, tmp_path, monkeypatch):
     """A copy of the run without a GGUF: the backend exports one into it, then serves it."""
     from qlorakit.serve.command import BackgroundServer, build_app
 
@@ -75,11 +116,13 @@ def test_export_writes_the_run_format_and_the_llama_cpp_server_answers(run_dir, 
     prompt, _ = llama_rendering(exported[0], TURNS)
     assert prompt == render_text(TURNS, "airoboros", tokenizer, add_generation_prompt=True)
     assert bos_ids(tokenizer) == []  # so the template has no BOS of its own
+    seen = fed_prompts(monkeypatch)
     with BackgroundServer(app) as url:
         client = openai.OpenAI(base_url=url, api_key="test-key", max_retries=0, timeout=60)
         reply = client.chat.completions.create(model="tiny-run", max_tokens=6, temperature=0,
                                                messages=[{"role": m.role, "content": m.content} for m in TURNS])
         assert isinstance(reply.choices[0].message.content, str) and reply.choices[0].finish_reason
+        assert seen == [training_prompt(tokenizer, "airoboros")]  # the server fed training's ids
         chunks = list(client.chat.completions.create(model="tiny-run", max_tokens=6, temperature=0, stream=True,
                                                      messages=[{"role": "user", "content": "Hi"}]))
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")

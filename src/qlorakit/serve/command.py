@@ -95,14 +95,26 @@ def build_app(backend: str, target: Path, name: str, api_key: str | None, max_to
     """The HTTP app of ``backend`` (transformers or llama.cpp) for the run or GGUF ``target``."""
     if backend == "llama.cpp":
         llama.require()
-        gguf_file = target if target.suffix == ".gguf" else llama.run_gguf(target)
-        return llama.create_app(gguf_file, name, api_key)
+        if target.suffix == ".gguf":  # a file alone: its own chat template formats the chats
+            return llama.create_app(target, name, api_key)
+        return llama.create_app(llama.run_gguf(target), name, api_key, run_format(target))
     from ..runs import load_run
     from .app import create_app
     from .engine import Engine
 
     model, tokenizer, cfg = load_run(target)
     return create_app(Engine(model, tokenizer, cfg.prompt_format, name, max_tokens), api_key)
+
+
+def run_format(run_dir: Path) -> tuple:
+    """(tokenizer, prompt format) of a run: what renders its chats."""
+    from ..config import load_run_config
+    from ..model.load import load_tokenizer
+    from ..runs import run_files
+
+    _, cfg_dir, tok_dir = run_files(run_dir)
+    cfg = load_run_config(cfg_dir)
+    return load_tokenizer(str(tok_dir), cfg.trust_remote_code), cfg.prompt_format
 
 
 def _uvicorn_server(app, host: str, port: int):

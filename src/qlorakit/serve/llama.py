@@ -48,13 +48,17 @@ def run_gguf(run_dir: Path) -> Path:
     return out
 
 
-def create_app(gguf_file: Path, name: str, api_key: str | None, n_ctx: int = 2048):
-    """llama-cpp-python's server app on ``gguf_file``, formatting chats with the file's own chat template, with a
-    ``/health`` route added."""
+def create_app(gguf_file: Path, name: str, api_key: str | None, run_format: tuple | None = None, n_ctx: int = 2048):
+    """llama-cpp-python's server app on ``gguf_file`` with a ``/health`` route added. Chats are fed training's own
+    ids where ``run_format`` (the run's tokenizer and prompt format) is given (``llama_chat``), else rendered with
+    the file's own chat template."""
     from llama_cpp.server.app import create_app as llama_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
-    model = ModelSettings(model=str(gguf_file), model_alias=name, chat_format="chat_template.default", n_ctx=n_ctx,
+    from .llama_chat import register_handler
+
+    chat_format = register_handler(*run_format) if run_format else "chat_template.default"
+    model = ModelSettings(model=str(gguf_file), model_alias=name, chat_format=chat_format, n_ctx=n_ctx,
                           n_threads=os.cpu_count() or 1, verbose=False)
     app = llama_app(server_settings=ServerSettings(api_key=api_key), model_settings=[model])
 
