@@ -4,6 +4,7 @@ model, and serve until Ctrl-C."""
 from __future__ import annotations
 
 import errno
+import importlib.util
 import socket
 import sys
 import threading
@@ -98,6 +99,10 @@ def build_app(backend: str, target: Path, name: str, api_key: str | None, max_to
         if target.suffix == ".gguf":  # a file alone: its own chat template formats the chats
             return llama.create_app(target, name, api_key)
         return llama.create_app(llama.run_gguf(target), name, api_key, run_format(target))
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"--backend transformers needs {', '.join(missing)}, not installed here: "
+                        "pip install 'qlorakit[serve]'")
     from ..runs import load_run
     from .app import create_app
     from .engine import Engine
