@@ -140,3 +140,18 @@ def test_llama_cpp_converter_stores_the_run_format_too(run_dir, tmp_path):
     tokenizer = merged_model(run_dir, "dequantized", "fp32")[1]
     prompt, _ = llama_rendering(out, TURNS)
     assert prompt == render_text(TURNS, "airoboros", tokenizer, add_generation_prompt=True)
+
+
+def test_a_reply_end_other_than_eos_is_the_ggufs_end_of_turn_token(merged, tmp_path):
+    import copy
+
+    import gguf
+
+    model_dir, tokenizer = merged
+    base = copy.deepcopy(tokenizer)
+    base.eos_token = "<|endoftext|>"  # a base whose EOS is not chatml's <|im_end|>
+    im_end = base.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(base, "chatml") == im_end and end_of_turn_id(base, "airoboros") is None
+    out = write_gguf(model_dir, tmp_path / "eot.gguf", "f32", chat_template("chatml", base), im_end)
+    field = gguf.GGUFReader(out).fields["tokenizer.ggml.eot_token_id"]
+    assert int(field.parts[field.data[0]][0]) == im_end
