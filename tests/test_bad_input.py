@@ -204,7 +204,7 @@ def test_bad_run_command_arguments(argv, want, capsys):
     assert all(w in err for w in want), err
 
 
-COMMANDS = ["train", "data", "merge", "export", "chat", "generate", "eval", "compare", "plan"]
+COMMANDS = ["train", "data", "merge", "export", "chat", "generate", "eval", "compare", "plan", "serve"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

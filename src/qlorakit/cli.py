@@ -41,6 +41,8 @@ COMMANDS = {
                     "talk to the tuned model in its training format"),
     "generate": Command("qlorakit.infer.commands", "generate_main", "generate RUN_DIR --input FILE --output FILE",
                         "answer a JSONL of prompts"),
+    "serve": Command("qlorakit.serve.command", "serve_main", "serve RUN_DIR | FILE.gguf [--port N]",
+                     "an OpenAI-compatible API in the run's prompt format"),
     "eval": Command("qlorakit.evaluate.command", "eval_main", "eval RUN_DIR --dataset FILE",
                     "loss, perplexity and answer scores, base vs tuned"),
     "compare": Command("qlorakit.evaluate.compare", "compare_main", "compare RUN_A RUN_B ...",

@@ -154,9 +154,11 @@ def _split(template: str, slot: str) -> tuple[str, str]:
     return before, after
 
 
-def chat_template(fmt_name: str, tokenizer) -> str:
+def chat_template(fmt_name: str, tokenizer, bos: bool = False) -> str:
     """A Jinja ``chat_template`` that renders exactly what ``render_segments`` renders for training, so
-    ``apply_chat_template(..., add_generation_prompt=True)`` gives the prompt the model was trained to continue."""
+    ``apply_chat_template(..., add_generation_prompt=True)`` gives the prompt the model was trained to continue.
+    With ``bos`` it opens with the BOS token, as training's ids do where the tokenizer adds one to text
+    (``tokenize.bos_ids``): a rendered template is tokenized without special tokens (transformers, llama.cpp)."""
     if fmt_name == "tokenizer":
         return tokenizer.chat_template
     fmt = PROMPT_FORMATS[fmt_name]
@@ -166,6 +168,7 @@ def chat_template(fmt_name: str, tokenizer) -> str:
     end = q(fmt.end).replace("{eos}", "' + eos_token + '")
     after = q(fmt.after).replace("{bos}", "' + (bos_token or '') + '")
     return (
+        ("{{- bos_token -}}" if bos else "") +
         "{%- set ns = namespace(system=" + q(fmt.default_system) + ", start=0) -%}"
         "{%- if messages and messages[0]['role'] == 'system' -%}"
         "{%- set ns.system = messages[0]['content'] -%}{%- set ns.start = 1 -%}{%- endif -%}"

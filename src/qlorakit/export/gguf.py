@@ -33,7 +33,7 @@ log = logging.getLogger("qlorakit")
 
 
 def export_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16", chat_template: str | None = None,
-                converter: str = "auto") -> Path:
+                converter: str = "auto", eot_token_id: int | None = None) -> Path:
     """Write the model in ``model_dir`` to the GGUF file ``out_file``.
 
     Args:
@@ -43,6 +43,8 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16
         chat_template: stored as ``tokenizer.chat_template``; defaults to the tokenizer's own.
         converter: ``"llama.cpp"`` (its ``convert_hf_to_gguf.py``), ``"python"`` (qlorakit's writer) or
             ``"auto"``: llama.cpp's where it is installed and takes this architecture and chat template.
+        eot_token_id: stored as ``tokenizer.ggml.eot_token_id`` by qlorakit's writer (llama.cpp's converter leaves
+            it to llama.cpp, which takes <|im_end|>, <|eot_id|> and the like for end-of-turn tokens by their text).
 
     Returns:
         ``out_file`` as a ``Path``.
@@ -65,7 +67,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16
     def write(float_type: str, target: Path) -> Path:
         if script is not None:
             return convert(script, model_dir, target, float_type)
-        return write_gguf(model_dir, target, float_type, chat_template)
+        return write_gguf(model_dir, target, float_type, chat_template, eot_token_id)
 
     log.info("GGUF export of %s: %s converter, %s", model_dir, "llama.cpp's" if script else "qlorakit's",
              f"llama.cpp's quantizer to {outtype}" if use_quantizer else f"written as {outtype}")

@@ -50,7 +50,7 @@ class _PlannedTensor(NamedTuple):
 
 
 def write_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16",
-               chat_template: str | None = None) -> Path:
+               chat_template: str | None = None, eot_token_id: int | None = None) -> Path:
     """Write the model in ``model_dir`` to the GGUF file ``out_file``, in pure Python.
 
     Args:
@@ -60,6 +60,7 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16"
         out_file: the ``.gguf`` path to write; its parent directory must exist.
         outtype: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` for the weight matrices.
         chat_template: stored as ``tokenizer.chat_template``; defaults to the tokenizer's own.
+        eot_token_id: stored as ``tokenizer.ggml.eot_token_id`` (the end of a reply, where it is not EOS).
 
     Returns:
         ``out_file`` as a ``Path``.
@@ -84,6 +85,8 @@ def write_gguf(model_dir: str | Path, out_file: str | Path, outtype: str = "f16"
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_tokenizer(writer, model_dir, config.vocab_size, chat_template)
+    if eot_token_id is not None:
+        writer.add_eot_token_id(eot_token_id)
     _write_file(writer, tensors, out_file)
     return out_file
 

@@ -74,6 +74,7 @@ def merged_model(run_dir: Path, base: str = "dequantized", dtype: str | None = N
 
     from ..config import load_run_config
     from ..data.templates import chat_template
+    from ..data.tokenize import bos_ids
 
     if base not in MERGE_BASES:
         raise UserError(f"--base: {base!r} is not one of {', '.join(MERGE_BASES)}")
@@ -103,7 +104,7 @@ def merged_model(run_dir: Path, base: str = "dequantized", dtype: str | None = N
     target = DTYPES[dtype] if dtype else (saved_dtype if isinstance(saved_dtype, torch.dtype) else torch.bfloat16)
     model = model.to(target)
     tokenizer = load_tokenizer(str(tok_dir), cfg.trust_remote_code)
-    tokenizer.chat_template = chat_template(cfg.prompt_format, tokenizer)
+    tokenizer.chat_template = chat_template(cfg.prompt_format, tokenizer, bos=bool(bos_ids(tokenizer)))
     return model, tokenizer, cfg
 
 
@@ -175,6 +176,13 @@ def merge(run_dir: Path, output: Path, base: str, dtype: str | None) -> int:
     return 0
 
 
+def end_of_turn_id(tokenizer, prompt_format: str) -> int | None:
+    """The token that ends a reply in the run's format where it is one token other than EOS (chatml's <|im_end|>
+    on a base whose EOS is another): the GGUF's end-of-turn token, so llama.cpp stops there too."""
+    ids = [i for i in stop_token_ids(tokenizer, prompt_format) if i != tokenizer.eos_token_id]
+    return ids[0] if ids else None
+
+
 def export_main(argv: list[str]) -> int:
     o = export_parser().parse_args(argv)
     if o.format == "safetensors":
@@ -186,7 +194,8 @@ def export_main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         merged = save_merged(model, tok, cfg, Path(tmp) / "merged", o.run_dir, o.base)
         try:
-            out = export_gguf(merged, o.output, o.outtype, chat_template=tok.chat_template, converter=o.converter)
+            out = export_gguf(merged, o.output, o.outtype, chat_template=tok.chat_template, converter=o.converter,
+                              eot_token_id=end_of_turn_id(tok, cfg.prompt_format))
             modelfile = write_modelfile(o.run_dir, out)
         except ValueError as e:
             raise UserError(f"export: {e}") from None
