@@ -15,6 +15,8 @@ Per row:
   abstained_correctly  unanswerable rows: abstained, and no url named
   invented_answer   unanswerable rows: did not abstain (it answered something the passages do not say)
   false_abstention  answerable rows: abstained although the passages hold the answer
+  distractor_answer closed-context rows with distractor passages: the reply (before "Reference(s):") states a
+                    value one of the distractors gives for the asked attribute (``distractor_answers``)
   token_f1          every row: SQuAD's token F1 of the reply against the reference reply (``normalize``d tokens)
   rouge_l           every row: ROUGE-L F-measure (``rouge_score``, stemmed) of the reply against the reference
 
@@ -42,6 +44,7 @@ METRICS = {
     "abstained_correctly": ("abstained correctly", "unanswerable"),
     "invented_answer": ("invented answer", "unanswerable"),
     "false_abstention": ("false abstention", "answerable"),
+    "distractor_answer": ("took a distractor's value", "distracted"),
     "token_f1": ("token F1", "all"),
     "rouge_l": ("ROUGE-L", "all"),
 }
@@ -110,7 +113,9 @@ def score_row(row: dict, reply: str) -> dict:
         out["citation_match"] = float(urls == {row["source"]})
         out["false_abstention"] = float(abstained)
         out["exact_match"] = float(bool(out["answer_match"] and out["citation_match"]) and not abstained)
-    elif kind == "unanswerable":
+    if kind != "plain" and row.get("distractor_answers"):
+        out["distractor_answer"] = float(any(contains_words(answer_part(reply), v) for v in row["distractor_answers"]))
+    if kind == "unanswerable":
         out["abstained_correctly"] = float(abstained and not urls)
         out["invented_answer"] = float(not abstained)
         out["exact_match"] = out["abstained_correctly"]

@@ -150,6 +150,7 @@ def run_child(cmd: list[str], log_path: Path) -> dict:
         try:
             for line in proc.stdout:
                 log.write(line)
+                log.flush()  # a sweep's progress can be watched in the log
                 m = STEP_LINE.match(line)
                 if m:
                     steps.append((int(m[1]), time.perf_counter()))
@@ -305,6 +306,11 @@ def load_results(path: Path, settings: dict, args) -> dict:
     return {"settings": settings, "runs": {}}
 
 
+def todo_runs(res: dict, arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """The (arm, seed) runs still to do: those not recorded, and those recorded as failed (run again)."""
+    return [(a, s) for a in arms for s in seeds if res["runs"].get(f"{a}/{s}", {}).get("status") != "ok"]
+
+
 def save_results(path: Path, res: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -357,7 +363,7 @@ def main(argv=None) -> int:
     res.update(command=command, machine={"processor": processor_name(), "cpus": os.cpu_count(),
                                          "python": sys.version.split()[0]})
     seeds = list(range(SEEDS_FROM, SEEDS_FROM + args.seeds))
-    todo = [(a, s) for a in args.arm_list for s in seeds if res["runs"].get(f"{a}/{s}", {}).get("status") != "ok"]
+    todo = todo_runs(res, args.arm_list, seeds)
     print(f"{len(todo)} runs to do ({len(args.arm_list)} arms x {len(seeds)} seeds, "
           f"{len(args.arm_list) * len(seeds) - len(todo)} done); results: {out}", flush=True)
     for i, (arm, seed) in enumerate(todo, 1):

@@ -25,8 +25,9 @@ passage that holds it, as in the shipped sample.
 
 Besides the airoboros keys each row carries what the scorer needs: ``answer`` (the value a correct reply contains;
 null where unanswerable or plain), ``source`` (the url it must cite; null likewise), ``answerable`` (true, false,
-or null for a plain instruction), ``passages`` and ``distractors`` (counts). qlorakit's airoboros reader ignores
-these keys.
+or null for a plain instruction), ``passages`` and ``distractors`` (counts), and ``distractor_answers`` (the
+values the distractor passages state for the asked attribute, each different from the answer, so a scorer can tell
+a reply that took a distractor's value). qlorakit's airoboros reader ignores these keys.
 
 Entities are invented (made_sample_data.py's makers and syllable pools), so no pretrained model knows an answer:
 held-out names come from the other syllable pool and other url domains, and are rejected if they occur in the
@@ -105,8 +106,13 @@ def closed_row(r: random.Random, nm: S.Names, domains: list[str], n_passages: in
     used: set[str] = set()
     docs = [passage(r, nm, domains, target, [asked] if answerable else [],
                     set() if answerable else {asked.sentence}, used)]
-    for _ in range(n_passages - 1):
+    distractor_answers = []
+    while len(docs) < n_passages:
         other = same_kind(r, nm, target.kind)
+        value = other.facts[k].answer
+        if value == asked.answer or value in distractor_answers:  # a distractor's value always differs
+            continue
+        distractor_answers.append(value)
         docs.append(passage(r, nm, domains, other, [other.facts[k]], set(), used))
     order = list(range(n_passages))
     r.shuffle(order)
@@ -123,7 +129,8 @@ def closed_row(r: random.Random, nm: S.Names, domains: list[str], n_passages: in
     else:
         response, answer, source = ABSTAIN, None, None
     return {"instruction": instruction, "response": response, "category": "contextual", "answer": answer,
-            "source": source, "answerable": answerable, "passages": n_passages, "distractors": n_passages - 1}
+            "source": source, "answerable": answerable, "passages": n_passages, "distractors": n_passages - 1,
+            "distractor_answers": distractor_answers}
 
 
 def plain_row(r: random.Random, seen: set[str]) -> dict:
@@ -131,7 +138,8 @@ def plain_row(r: random.Random, seen: set[str]) -> dict:
         row = S.general_row(r)
         if row["instruction"] not in seen:
             seen.add(row["instruction"])
-            return {**row, "answer": None, "source": None, "answerable": None, "passages": 0, "distractors": 0}
+            return {**row, "answer": None, "source": None, "answerable": None, "passages": 0, "distractors": 0,
+                    "distractor_answers": []}
 
 
 def build(split: str, forbidden: str = "", seen: set[str] | None = None) -> tuple[list[dict], S.Names]:
