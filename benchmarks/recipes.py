@@ -86,7 +86,7 @@ ARMS = {
 TRL_QLORA = {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "lr": 2e-4, "scheduler": "constant",
              "warmup_ratio": 0.03, "batch": 4, "grad_accum": 4, "max_grad_norm": 0.3, "epochs": 3.0,
              "max_length": 1024}
-QUICK = {"arms": "default,trl", "seeds": 1, "train_rows": 48, "eval_rows": 16, "epochs": 1.0}
+QUICK = {"arms": "default,trl", "seeds": 1, "train_rows": 16, "eval_rows": 8, "epochs": 1.0}
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
 
 

@@ -7,8 +7,8 @@ Run from the repository root::
 
 Files written (paths relative to the output root):
 
-* ``benchmarks/data/recipes_train.jsonl``  200 rows: 160 closed-context questions and 40 plain instructions.
-* ``benchmarks/data/recipes_eval.jsonl``   48 held-out rows: 40 closed-context questions and 8 plain instructions,
+* ``benchmarks/data/recipes_train.jsonl``  100 rows: 80 closed-context questions and 20 plain instructions.
+* ``benchmarks/data/recipes_eval.jsonl``   40 held-out rows: 35 closed-context questions and 5 plain instructions,
   about entities (names, urls, answers) that never occur in the training file.
 
 A closed-context row is airoboros 1.4's layout (``instruction``/``response``/``category``): one to three
@@ -50,9 +50,9 @@ TRAIN_FILE = "benchmarks/data/recipes_train.jsonl"
 EVAL_FILE = "benchmarks/data/recipes_eval.jsonl"
 SEEDS = {"train": 1818, "eval": 8181}
 ABSTAIN = "The text does not say."
-COUNTS = {"train": (160, 40), "eval": (40, 8)}  # (closed-context rows, plain instruction rows)
+COUNTS = {"train": (80, 20), "eval": (35, 5)}  # (closed-context rows, plain instruction rows)
 UNANSWERABLE_EVERY = 5  # every fifth closed-context row cannot be answered from its passages
-WORDS = (14, 26)  # words per passage (before the last sentence): keeps three-passage rows near 300 tokens
+WORDS = (10, 18)  # words per passage before its last sentence: three-passage rows stay near 300 tokens
 
 
 def _slug(name: str) -> str:
