@@ -144,7 +144,7 @@ def plain_row(r: random.Random, seen: set[str]) -> dict:
 
 def build(split: str, forbidden: str = "", seen: set[str] | None = None) -> tuple[list[dict], S.Names]:
     """The rows of ``split``: passages counts cycling 1, 2, 3; every ``UNANSWERABLE_EVERY``-th closed row
-    unanswerable; plain rows whose instructions are not in ``seen``; shuffled."""
+    unanswerable; plain rows whose instructions are not in ``seen``; shuffled, then ``spread_kinds``."""
     r = random.Random(SEEDS[split])
     held = split == "eval"
     nm = S.Names(r, S.HELDOUT_ONSETS if held else S.TRAIN_ONSETS, forbidden=forbidden)
@@ -164,7 +164,18 @@ def build(split: str, forbidden: str = "", seen: set[str] | None = None) -> tupl
     seen = set(seen or ())
     rows += [plain_row(r, seen) for _ in range(n_plain)]
     r.shuffle(rows)
-    return rows, nm
+    return spread_kinds(rows), nm
+
+
+def spread_kinds(rows: list[dict]) -> list[dict]:
+    """``rows`` reordered so that every prefix holds each kind (answerable, unanswerable, plain) in about its share
+    of the whole: the i-th of n rows of a kind goes to position (i + 0.5) / n. A benchmark that takes the first N
+    rows (``recipes.py --train-rows/--eval-rows``, ``--quick``) then gets all three kinds."""
+    kinds: dict = {}
+    for row in rows:
+        kinds.setdefault(row["answerable"], []).append(row)
+    keyed = [((i + 0.5) / len(group), k, row) for k, group in enumerate(kinds.values()) for i, row in enumerate(group)]
+    return [row for _, _, row in sorted(keyed, key=lambda t: t[:2])]
 
 
 def build_all() -> dict:

@@ -120,3 +120,14 @@ def test_heldout_disjoint_from_training():
         names = script_module().build_all()["heldout_names"]
     low = train_text.lower()
     assert len(names) > 100 and not [n for n in names if n.lower() in low]
+
+
+@pytest.mark.parametrize("rel", [TRAIN, EVAL])
+def test_every_prefix_holds_each_kind_in_its_share(rel):
+    """recipes.py --train-rows/--eval-rows/--quick take the first N rows: those hold each kind in about its share
+    (a plain shuffle leaves a prefix of 8 without any unanswerable row about half the time)."""
+    rows = load(rel)
+    share = {k: sum(r["answerable"] is k for r in rows) / len(rows) for k in (True, False, None)}
+    for n in range(8, len(rows) + 1):
+        for k, s in share.items():
+            assert abs(sum(r["answerable"] is k for r in rows[:n]) - s * n) <= 1, (n, k)
