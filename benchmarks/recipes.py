@@ -99,10 +99,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=0, help="epochs for every arm that does not set its own "
                    "(TRL's row included; default: qlorakit's default, TRL's 3)")
     p.add_argument("--steps", type=int, default=0, help="max optimizer steps for every run (default: none)")
-    p.add_argument("--train-rows", type=int, default=0, help="train on the first N rows (default all 200)")
-    p.add_argument("--eval-rows", type=int, default=0, help="evaluate on the first N held-out rows (default all 48)")
+    p.add_argument("--train-rows", type=int, default=0, help="train on the first N rows (default all 100; every "
+                   "prefix holds each kind of row in its share)")
+    p.add_argument("--eval-rows", type=int, default=0, help="evaluate on the first N held-out rows (default all 40)")
     p.add_argument("--max-new-tokens", type=int, default=72, help="longest greedy reply (default 72: the longest "
-                   "held-out reference reply is 68 SmolLM2 tokens)")
+                   "held-out reference reply is 67 SmolLM2 tokens with its EOS)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
     p.add_argument("--model", default="default", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="", help="results JSON (default benchmarks/results/recipes.json; with --quick "
