@@ -86,6 +86,7 @@ ARMS = {
 TRL_QLORA = {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "lr": 2e-4, "scheduler": "constant",
              "warmup_ratio": 0.03, "batch": 4, "grad_accum": 4, "max_grad_norm": 0.3, "epochs": 3.0,
              "max_length": 1024}
+LABELS = {"default": "default (no hyperparameter flags)", "trl": "TRL SFTTrainer, qlora's hyperparameters"}
 QUICK = {"arms": "default,trl", "seeds": 1, "train_rows": 16, "eval_rows": 8, "epochs": 1.0}
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
 
@@ -333,7 +334,7 @@ def render(res: dict, arms: list[str] | None = None) -> str:
     head = (f"Recipes on {Path(s['model']).name}: {s['train_rows']} training rows, {s['eval_rows']} held-out rows "
             f"(greedy, up to {s['max_new_tokens']} new tokens), float32 compute on {m.get('processor', '?')} "
             f"({m.get('cpus', '?')} cores). Each cell: mean (min–max) over the seeds that finished.")
-    return head + "\n\n" + table(aggregate(runs, arms)) + "\n\ncommand: " + res.get("command", "?")
+    return head + "\n\n" + table(aggregate(runs, arms), LABELS) + "\n\ncommand: " + res.get("command", "?")
 
 
 def list_arms() -> None:
