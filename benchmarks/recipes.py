@@ -221,6 +221,7 @@ def eval_command(model_dir: str, adapter: Path, eval_file: Path, out: Path, args
 def train_one(arm: str, seed: int, run_dir: Path, model_dir: str, files: dict, args) -> dict:
     """Train one arm x seed; the training numbers, or ``status: failed`` with the reason."""
     adapter = run_dir / "adapter"
+    load_before = os.getloadavg()[0]  # a shared machine's load: seconds per step are only comparable at like loads
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     if arm == "trl":
@@ -229,7 +230,7 @@ def train_one(arm: str, seed: int, run_dir: Path, model_dir: str, files: dict, a
     else:
         child = run_child(qlorakit_command(arm, seed, files["train"], adapter, args), run_dir / "train.log")
     out = {"arm": arm, "seed": seed, "train_wall_seconds": child["wall_seconds"], "peak_rss_mib": child["peak_rss_mib"],
-           "train_log": child["log"]}
+           "train_log": child["log"], "load_average": [load_before, os.getloadavg()[0]]}
     if child["rc"] != 0:
         return out | {"status": "failed", "reason": failure_reason(Path(child["log"]), child["rc"])}
     if arm == "trl":
@@ -335,7 +336,9 @@ def render(res: dict, arms: list[str] | None = None) -> str:
     s, m = res["settings"], res.get("machine", {})
     head = (f"Recipes on {Path(s['model']).name}: {s['train_rows']} training rows, {s['eval_rows']} held-out rows "
             f"(greedy, up to {s['max_new_tokens']} new tokens), float32 compute on {m.get('processor', '?')} "
-            f"({m.get('cpus', '?')} cores). Each cell: mean (min–max) over the seeds that finished.")
+            f"({m.get('cpus', '?')} cores), {'%g' % s['epochs'] if s['epochs'] else 'each arm its own'} epochs"
+            f"{', at most %d steps' % s['steps'] if s['steps'] else ''}. Each cell: mean (min–max) over the seeds "
+            "that finished.")
     return head + "\n\n" + table(aggregate(runs, arms), LABELS) + "\n\ncommand: " + res.get("command", "?")
 
 
