@@ -336,7 +336,7 @@ def render(res: dict, arms: list[str] | None = None) -> str:
     s, m = res["settings"], res.get("machine", {})
     head = (f"Recipes on {Path(s['model']).name}: {s['train_rows']} training rows, {s['eval_rows']} held-out rows "
             f"(greedy, up to {s['max_new_tokens']} new tokens), float32 compute on {m.get('processor', '?')} "
-            f"({m.get('cpus', '?')} cores), {'%g' % s['epochs'] if s['epochs'] else 'each arm its own'} epochs"
+            f"({m.get('cpus', '?')} cores), epochs: {'%g' % s['epochs'] if s['epochs'] else 'each arm its own'}"
             f"{', at most %d steps' % s['steps'] if s['steps'] else ''}. Each cell: mean (min–max) over the seeds "
             "that finished.")
     return head + "\n\n" + table(aggregate(runs, arms), LABELS) + "\n\ncommand: " + res.get("command", "?")
