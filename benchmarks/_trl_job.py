@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; > 0 caps the run")
+    p.add_argument("--scheduler", default="constant", help="lr_scheduler_type (benchmarks/recipes.py: qlora's)")
+    p.add_argument("--warmup_ratio", type=float, default=0.0, help="share of steps warming up, under 1 (qlora: 0.03)")
     p.add_argument("--max_grad_norm", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max_length", type=int, default=1024)
@@ -92,9 +95,10 @@ def main(argv=None) -> int:
         per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
+        lr_scheduler_type=args.scheduler,
+        warmup_steps=args.warmup_ratio,  # transformers 5: a warmup_steps under 1 is the share of the steps
         num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
         max_grad_norm=args.max_grad_norm,
         weight_decay=0.0,
         optim="adamw_torch",
