@@ -107,7 +107,9 @@ def test_a_run_from_an_absolute_path_publishes_no_local_path_and_its_results_rou
     assert meta["license"] and meta["library_name"] == "peft" and meta["datasets"] == ["mine"]
     assert {"qlora", "qlorakit", "4bit"} <= set(meta["tags"]) and "base_model" not in meta  # a local base
     row = read_metrics(out, "eval_loss")[-1]
-    expected = {k: v for k, v in row.items() if k in ("eval_loss", "eval_perplexity")}
+    expected = {k: v for k, v in row.items() if k in ("eval_loss", "eval_perplexity", "eval_exact_match",
+                                                       "eval_token_f1", "eval_rouge_l")}
+    assert len(expected) == 5  # the answers scored during training (eval_generate) are results too
     assert _results(str(card)) == {"mine (held-out split)": expected}
     assert meta["model-index"][0]["name"] == "tuned"
 

@@ -19,7 +19,8 @@ Scores = dict[str, dict[str, float]]  # dataset name -> {metric name: value}
 
 TASK_TYPE = "text-generation"
 NOT_SCORES = {"eval_tokens", "eval_examples", "eval_rows", "eval_seconds", "eval_runtime", "eval_samples_per_second",
-              "eval_steps_per_second", "eval_tokens_per_second"}  # counts and times, not how good the model is
+              "eval_steps_per_second", "eval_tokens_per_second",
+              "eval_answered"}  # counts and times, not how good the model is
 EVAL_RESULTS_FILE = "eval_results.json"
 LM_EVAL_FILE = "lm_eval_results.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
