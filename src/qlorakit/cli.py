@@ -41,8 +41,8 @@ COMMANDS = {
                     "talk to the tuned model in its training format"),
     "generate": Command("qlorakit.infer.commands", "generate_main", "generate RUN_DIR --input FILE --output FILE",
                         "answer a JSONL of prompts"),
-    "eval": Command("qlorakit.evaluate.command", "eval_main", "eval RUN_DIR --dataset FILE",
-                    "loss, perplexity and answer scores, base vs tuned"),
+    "eval": Command("qlorakit.evaluate.command", "eval_main", "eval RUN_DIR --tasks T --compare",
+                    "lm-eval tasks (or loss and answer scores), base vs tuned"),
     "plan": Command("qlorakit.plan.command", "plan_main", "plan MODEL [--config run.yaml] [--key value ...]",
                     "peak memory per device before you rent GPUs"),
 }
