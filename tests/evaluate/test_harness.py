@@ -17,6 +17,18 @@ pytest.importorskip("lm_eval")
 LIMIT = "4"  # examples per task: seconds on the tiny run
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's matrices are too small to share between threads: on a busy 2-core machine each op then
+    waits for a second thread (greedy replies were 14 times slower with 2 threads than with 1)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def fresh_copy(run_dir, dest):
     """A copy of the run whose adapter is fresh: every lora_B zero, so the adapter adds exactly nothing."""
     shutil.copytree(run_dir, dest)

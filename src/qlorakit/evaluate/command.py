@@ -111,8 +111,20 @@ def eval_parser():
     return p
 
 
+def example_limit(text: str) -> int | float:
+    """--limit: a whole number of examples, or a share of them below 1 (lm-eval's two readings)."""
+    import argparse
+
+    from ..options import positive_number
+
+    value = positive_number(text)
+    if value >= 1 and value != int(value):
+        raise argparse.ArgumentTypeError(f"expects a whole number of examples or a share below 1, got {text!r}")
+    return int(value) if value >= 1 else value
+
+
 def add_harness_options(p) -> None:
-    from ..options import non_negative_integer, positive_integer, positive_number
+    from ..options import non_negative_integer, positive_integer
 
     p.add_argument("--tasks", metavar="T1,T2", default="", help="lm-eval tasks, comma-separated: names, groups, "
                    "tags, patterns, task YAML files, or qlorakit's offline tasks (qlorakit, qlorakit_mmlu_sample, "
@@ -121,7 +133,7 @@ def add_harness_options(p) -> None:
                    "these runs too, side by side (--compare alone: the base and RUN_DIR)")
     p.add_argument("--num_fewshot", metavar="N", type=non_negative_integer, default=None,
                    help="few-shot examples per prompt. Default: each task's own (0 where it sets none).")
-    p.add_argument("--limit", metavar="N", type=positive_number, default=None,
+    p.add_argument("--limit", metavar="N", type=example_limit, default=None,
                    help="score at most N examples per task (below 1: that share of them). Default: all.")
     p.add_argument("--batch_size", metavar="N", type=positive_integer, default=8,
                    help="examples per forward pass, fixed (lm-eval's 'auto' probes memory, which a CPU run does not "
