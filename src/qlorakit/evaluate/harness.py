@@ -136,11 +136,10 @@ def task_load_problem(spec: str, error: Exception) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     named = re.search(r"['\"]([\w.-]+/[\w.-]+)['\"]", text)
     if NOT_CACHED.search(text) or isinstance(error, (ConnectionError, FileNotFoundError)):
-        data = f"its dataset {named.group(1)}" if named else "its dataset"
+        data = f"its dataset {named.group(1)}" if named else f"its dataset ({text[:200]})"
         return (f"--tasks {spec}: {data} is not in the local datasets cache, and qlorakit eval reads hub data only "
-                "from there (offline); download it once where the hub is reachable, e.g. lm_eval --tasks "
-                f"{spec} --model dummy --limit 1 or datasets.load_dataset(...), then run this again "
-                f"({type(error).__name__}: {text[:200]})")
+                f"from there; cache it once where the hub is reachable: lm_eval run --model dummy --tasks {spec} "
+                "--limit 1")
     return f"--tasks {spec}: lm-eval could not load it: {type(error).__name__}: {text[:300]}"
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import UserError
 from .harness import (HarnessSettings, evaluate, harness_lm, load_tasks, metric_rows, offline_and_quiet,
                       require_lm_eval, resolve_tasks, task_manager)
 
@@ -124,6 +125,8 @@ def tasks_main(o) -> int:
     s = HarnessSettings(tasks=[t.strip() for t in o.tasks.split(",") if t.strip()], num_fewshot=o.num_fewshot,
                         limit=o.limit, batch_size=o.batch_size, apply_chat_template=o.apply_chat_template,
                         verbose=o.verbose)
+    if not s.tasks:
+        raise UserError("--tasks: no task named; give lm-eval task names or YAML files, comma-separated")
     outs, about = score(o.run_dir, s, [Path(p) for p in o.compare] if o.compare is not None else None)
     rep = report(outs, about)
     print_table(rep)
