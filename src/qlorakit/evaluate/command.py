@@ -1,4 +1,5 @@
-"""``qlorakit eval RUN_DIR``: loss, perplexity and answer scores of the base and the tuned model side by side."""
+"""``qlorakit eval RUN_DIR``: loss, perplexity and answer scores of the base and the tuned model side by side; with
+``--tasks``, lm-evaluation-harness's (evaluate/tasks_command.py)."""
 
 from __future__ import annotations
 
@@ -75,13 +76,26 @@ contains: the normalized reference appears in the normalized reply; each a mean 
 the share of questions whose answer letter is the most likely first token of the reply.
 
 --output writes {"base": {...}, "tuned": {...}}, each with the keys it measured: eval_loss, eval_perplexity,
-eval_tokens (the trained tokens the loss is over), exact_match, token_f1, rouge_l, contains, mmlu_accuracy."""
+eval_tokens (the trained tokens the loss is over), exact_match, token_f1, rouge_l, contains, mmlu_accuracy.
+
+With --tasks: EleutherAI's lm-evaluation-harness (pip install 'qlorakit[eval]') on the tuned model, in the run's
+precision: lm-eval's task names, groups, tags and patterns (mmlu, hellaswag, mmlu_*), paths of task YAML files in
+lm-eval's format, and qlorakit's offline tasks, which need no download: qlorakit (both of these),
+qlorakit_mmlu_sample (45 multiple-choice questions in MMLU's layout; acc) and qlorakit_closed_context (40
+closed-context questions in the airoboros format; exact_match and contains of greedy replies). Hub datasets are read
+from the local datasets cache only (offline). --compare adds the base (the same weights with the adapter off) and
+any runs named after it, scored on the same prompts. Prompts are lm-eval's, with no chat template, unless
+--apply_chat_template: then every model, the base too, sees them in RUN_DIR's prompt format. The table has one row
+per task and metric (value ± standard error); RUN_DIR/lm_eval_results.json and a section of RUN_DIR/README.md (the
+model card) get the same, and --output a copy of the JSON: {tasks, num_fewshot, limit, batch_size, precision, ...,
+models: {NAME: {results: {TASK: {METRIC: value, METRIC_stderr: value}}, n_shot, n_samples}}}."""
 
 
 def eval_parser():
     from ..options import Parser, non_negative_integer
 
-    p = Parser("qlorakit eval", usage="qlorakit eval RUN_DIR [--dataset FILE] [--mmlu FILE] [--generate N] "
+    p = Parser("qlorakit eval", usage="qlorakit eval RUN_DIR (--tasks T1,T2 [--compare [RUN ...]] [--num_fewshot N] "
+               "[--limit N] [--batch_size N] [--apply_chat_template] | --dataset FILE [--mmlu FILE] [--generate N]) "
                "[--output FILE.json]", description=EVAL_DESCRIPTION)
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path,
                    help="a run directory of 'qlorakit train', or a checkpoint-STEP folder in one")
@@ -91,7 +105,52 @@ def eval_parser():
     p.add_argument("--generate", metavar="N", type=non_negative_integer, default=50,
                    help="how many --dataset rows to answer for the answer scores; 0 = none. Default: 50.")
     p.add_argument("--output", metavar="FILE.json", default="", help="where to write the results as JSON")
+    add_harness_options(p)
     return p
+
+
+def example_limit(text: str) -> int | float:
+    """--limit: a whole number of examples, or a share of them below 1 (lm-eval's two readings)."""
+    import argparse
+
+    from ..options import positive_number
+
+    value = positive_number(text)
+    if value >= 1 and value != int(value):
+        raise argparse.ArgumentTypeError(f"expects a whole number of examples or a share below 1, got {text!r}")
+    return int(value) if value >= 1 else value
+
+
+def add_harness_options(p) -> None:
+    from ..options import non_negative_integer, positive_integer
+
+    p.add_argument("--tasks", metavar="T1,T2", default="", help="lm-eval tasks, comma-separated: names, groups, "
+                   "tags, patterns, task YAML files, or qlorakit's offline tasks (qlorakit, qlorakit_mmlu_sample, "
+                   "qlorakit_closed_context)")
+    p.add_argument("--compare", metavar="RUN", nargs="*", default=None, help="with --tasks: score the base and "
+                   "these runs too, side by side (--compare alone: the base and RUN_DIR)")
+    p.add_argument("--num_fewshot", metavar="N", type=non_negative_integer, default=None,
+                   help="few-shot examples per prompt. Default: each task's own (0 where it sets none).")
+    p.add_argument("--limit", metavar="N", type=example_limit, default=None,
+                   help="score at most N examples per task (below 1: that share of them). Default: all.")
+    p.add_argument("--batch_size", metavar="N", type=positive_integer, default=8,
+                   help="examples per forward pass, fixed (lm-eval's 'auto' probes memory, which a CPU run does not "
+                   "need). Default: 8.")
+    p.add_argument("--apply_chat_template", action="store_true",
+                   help="render prompts in RUN_DIR's prompt format, for every model scored (the base too)")
+    p.add_argument("--verbose", action="store_true", help="show lm-eval's log lines")
+
+
+def check_mode(parser, o) -> None:
+    """--tasks (lm-eval) or --dataset/--mmlu (qlorakit's own scores): one of the two, with its own options."""
+    harness_only = [f"--{k}" for k in ("compare", "num_fewshot", "limit", "apply_chat_template")
+                    if getattr(o, k) not in (None, False)]
+    if o.tasks and (o.dataset or o.mmlu):
+        parser.error("give --tasks (lm-eval) or --dataset/--mmlu, not both")
+    if not o.tasks and harness_only:
+        parser.error(f"{', '.join(harness_only)} go with --tasks")
+    if not o.tasks and not o.dataset and not o.mmlu:
+        parser.error("give --tasks T1,T2 (lm-eval), or --dataset FILE and/or --mmlu FILE")
 
 
 def eval_main(argv: list[str]) -> int:
@@ -106,8 +165,11 @@ def eval_main(argv: list[str]) -> int:
 
     parser = eval_parser()
     o = parser.parse_args(argv)
-    if not o.dataset and not o.mmlu:
-        parser.error("give --dataset FILE and/or --mmlu FILE")
+    check_mode(parser, o)
+    if o.tasks:
+        from .tasks_command import tasks_main
+
+        return tasks_main(o)
     run_dir, n_gen = o.run_dir, o.generate
     model, tok, cfg = load_run(run_dir)
     device, bf16 = next(model.parameters()).device, cfg.use_bf16()

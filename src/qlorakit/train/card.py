@@ -236,6 +236,28 @@ def mmlu_lines(metrics: list[dict]) -> list[str]:
             ", ".join(f"{m[key]:.4f} at step {m['step']}" for m in rows) + "."]
 
 
+def lm_eval_lines(results: dict) -> list[str]:
+    """The card's lm-eval section from ``lm_eval_results.json`` (``qlorakit eval RUN_DIR --tasks ...``): one row
+    per task and metric, one column per model scored (the base, this run, other runs), value ± standard error."""
+    models = results["models"]
+    keys = list(dict.fromkeys((t, k) for m in models.values() for t, ks in m["results"].items() for k in ks
+                              if not k.endswith("_stderr")))
+
+    def cell(m: dict, task: str, key: str) -> str:
+        r = m["results"].get(task, {})
+        return "-" if key not in r else f"{r[key]:.4f}" + (f" ± {r[key + '_stderr']:.4f}" if key + "_stderr" in r
+                                                           else "")
+    shots = sorted({str(n) for m in models.values() for n in m["n_shot"].values()})
+    limit = f", at most {results['limit']} examples per task" if results.get("limit") else ""
+    prompts = f"in the `{results['prompt_format']}` prompt format" if results.get("apply_chat_template") else "raw"
+    return ["## lm-eval results", "",
+            f"EleutherAI's lm-evaluation-harness {results['lm_eval_version']} through `qlorakit eval`, "
+            f"{'/'.join(shots) or '0'}-shot{limit}, prompts {prompts}, {results['precision']}:", "",
+            "| task | metric | " + " | ".join(f"`{n}`" if n != "base" else "base" for n in models) + " |",
+            "|---|---|" + "---|" * len(models),
+            *[f"| {t} | {k} | " + " | ".join(cell(m, t, k) for m in models.values()) + " |" for t, k in keys]]
+
+
 def loading_section(out: Path, base_path: str) -> list[str]:
     """How to load the adapter: the base by its public name, the adapter by this folder's name (or its hub id, once
     published); never a path of the machine that trained it."""
