@@ -12,7 +12,7 @@ from qlorakit.data.sources import parse_dataset_arg
 from qlorakit.data.tokenize import (IGNORE, KTO_BAD, KTO_GOOD, PAIR, preference_parts, preference_policy,
                                     tokenize_conversation, tokenize_preference)
 from qlorakit.data.formats import Conversation, Message
-from tests.helpers import write_jsonl
+from helpers import write_jsonl
 
 PAIR_ROW = {"system": "Answer from the passage.", "prompt": "What is the capital of Zorvia?",
             "chosen": "The text does not say.", "rejected": "Kelmarsh."}

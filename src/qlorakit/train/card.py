@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import FIELDS, TrainConfig, default_of
+from ..config import FIELDS, METHOD_KEYS, TrainConfig, default_of, method_beta
 from ..data.mixture import SourceSummary
 from ..resources import SAMPLE_DATASET
 
@@ -116,7 +116,12 @@ def hyperparameter_rows(cfg: TrainConfig) -> list[str]:
             "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "lora_r",
             "lora_alpha", "lora_dropout", "lora_modules", "bits", "quant_type", "double_quant", "bf16",
             "gradient_checkpointing", "offload_activations", "model_max_len", "train_on_source", "packing", "seed"]
-    return [f"| {k} | {getattr(cfg, k)} |" for k in keys]
+    rows = [f"| {k} | {getattr(cfg, k)} |" for k in keys]
+    if cfg.method != "sft" or cfg.init_from:
+        rows = [f"| method | {cfg.method} |"] + rows + [f"| init_from | {cfg.init_from or '(a fresh adapter)'} |"]
+        rows += [f"| {k} | {method_beta(cfg) if k == 'beta' else getattr(cfg, k)} |"
+                 for k in (*METHOD_KEYS[cfg.method], "disable_dropout") if cfg.method != "sft"]
+    return rows
 
 
 def results_section(metrics: list[dict], best_step: int | None, stopped: str) -> list[str]:
@@ -129,8 +134,9 @@ def results_section(metrics: list[dict], best_step: int | None, stopped: str) ->
                      f"(step {last['step']}, epoch {last['epoch']:.2f}).")
     if evals:
         lines += ["", "| step | epoch | eval loss | perplexity |", "|---|---|---|---|"]
-        lines += [f"| {m['step']} | {m['epoch']:.2f} | {m['eval_loss']:.4f} | {m['eval_perplexity']:.2f} |"
-                  for m in evals]
+        lines += [f"| {m['step']} | {m['epoch']:.2f} | {m['eval_loss']:.4f} | "
+                  f"{m['eval_perplexity']:.2f} |" if "eval_perplexity" in m else
+                  f"| {m['step']} | {m['epoch']:.2f} | {m['eval_loss']:.4f} | - |" for m in evals]
         best = min(evals, key=lambda m: m["eval_loss"])
         lines += ["", f"**Best evaluation: epoch {best['epoch']:.2f} (step {best['step']}), eval loss "
                       f"{best['eval_loss']:.4f}.**"]

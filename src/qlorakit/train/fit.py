@@ -107,7 +107,7 @@ def log_step(run: Run, result: StepResult, meter: Throughput) -> None:
     epoch, tok_s = round(step / run.steps_per_epoch, 4), meter.take()
     row = {"step": step, "epoch": epoch, "loss": result.loss, "learning_rate": result.learning_rate,
            "grad_norm": result.grad_norm, "tokens_per_second": tok_s,
-           "trained_tokens": result.trained_tokens} | peak_memory(run.device)
+           "trained_tokens": result.trained_tokens} | result.metrics | peak_memory(run.device)
     run.metrics.write(row)
     run.bar.update(row)
 
@@ -131,7 +131,8 @@ def scores(run: Run) -> dict:
     cfg, res = run.cfg, {}
     kw = dict(batch_size=cfg.per_device_eval_batch_size, pad_id=run.pad_id, device=run.device, use_bf16=run.use_bf16)
     if run.eval_ex:
-        res.update(run.hooks.evaluate(run.model, run.eval_ex, packing=run.packing, **kw))
+        more = {"objective": run.objective} if run.objective.preference else {}
+        res.update(run.hooks.evaluate(run.model, run.eval_ex, packing=run.packing, **kw, **more))
     if run.mmlu is not None:
         res.update(mmlu_scores(run.model, run.mmlu, **kw))
     return res
@@ -147,7 +148,8 @@ def evaluate(run: Run) -> bool:
     row = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 4), **res}
     run.metrics.write(row)
     state.eval_history.append(row)
-    shown = [f"loss {res['eval_loss']:.4f} perplexity {res['eval_perplexity']:.2f}"] if "eval_loss" in res else []
+    shown = [f"loss {res['eval_loss']:.4f}" + (f" perplexity {res['eval_perplexity']:.2f}" if "eval_perplexity" in res
+                                                else "")] if "eval_loss" in res else []
     if run.mmlu is not None:
         shown.append(f"MMLU {run.mmlu.split} accuracy {res[f'mmlu_{run.mmlu.split}_accuracy']:.4f}")
     run.bar.write(f"eval at step {state.step}: {', '.join(shown)}")
