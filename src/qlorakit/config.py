@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .compat import ALIASES, QLORA_KEYS, QloraKeys, add_alias_options, resolve, validate_qlora_keys
+from .config_methods import METHODS, validate_method
 from .config_values import ValueProblem, coerce
 from .errors import UserError
 from .options import Parser, split_extras
@@ -24,17 +25,7 @@ class ConfigError(UserError):
     """A mistake in the user's configuration. The message is meant to be printed as is, without a traceback."""
 
 
-AUTO = ("auto", "true", "false")
-METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
-# The keys each preference method reads (beyond the shared ones); a key set away from its default while the method
-# ignores it is an error (validate_method).
-METHOD_KEYS = {"sft": (), "dpo": ("loss_type", "beta", "label_smoothing", "reference", "precompute_reference"),
-               "orpo": ("orpo_lambda",), "simpo": ("beta", "simpo_gamma"),
-               "kto": ("beta", "kto_desirable_weight", "kto_undesirable_weight", "reference",
-                       "precompute_reference")}
-PREFERENCE_KEYS = ("loss_type", "beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "kto_desirable_weight",
-                   "kto_undesirable_weight", "disable_dropout", "reference", "precompute_reference")
-PAPER_BETA = {"dpo": 0.1, "kto": 0.1, "simpo": 2.0}  # the choices of a key that qlorakit can decide itself
+AUTO = ("auto", "true", "false")  # the choices of a key that qlorakit can decide itself
 
 
 def _f(default, help: str, choices: tuple | None = None):
@@ -159,36 +150,23 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
     # --- distributed ---
     fsdp: bool = _f(False, "Under torchrun: shard the model with FSDP2 instead of replicating it with DDP.")
     # --- preference tuning ---
-    method: str = _f("sft", "What the run trains: sft (supervised, on replies) or a preference method on "
-                     "prompt/chosen/rejected pairs: dpo (Rafailov et al. 2023; loss_type sigmoid, ipo or robust), "
-                     "orpo (Hong et al. 2024), simpo (Meng et al. 2024); or kto (Ethayarajh et al. 2024) on "
-                     "prompt/completion/label rows (docs/preferences.md).", METHODS)
-    loss_type: str = _f("sigmoid", "dpo's loss: sigmoid (DPO; with label_smoothing > 0 the conservative cDPO of "
-                        "Mitchell 2023), ipo (Azar et al. 2023, on token-averaged log-probabilities as TRL) or "
-                        "robust (Chowdhury et al. 2024, unbiased under a flip rate label_smoothing).",
+    method: str = _f("sft", "sft, or on prompt/chosen/rejected pairs dpo (Rafailov et al. 2023), orpo (Hong et "
+                     "al. 2024), simpo (Meng et al. 2024); kto (Ethayarajh et al. 2024) on labelled rows.", METHODS)
+    loss_type: str = _f("sigmoid", "dpo's loss: sigmoid (with label_smoothing: cDPO), ipo (Azar et al. 2023, on "
+                        "token-averaged log-probabilities as TRL) or robust (rDPO, Chowdhury et al. 2024).",
                         ("sigmoid", "ipo", "robust"))
-    beta: float = _f(0.0, "Strength of the reference (dpo, kto) or reward scale (simpo); 0 = the method's paper "
-                     "value: 0.1 for dpo and kto (DPO, KTO papers), 2.0 for simpo (SimPO paper, Llama-3 setting).")
-    label_smoothing: float = _f(0.0, "dpo: the assumed share of flipped preference labels, in [0, 0.5) (cDPO with "
-                                "loss_type sigmoid, rDPO with robust; 0 = plain DPO).")
-    simpo_gamma: float = _f(1.0, "simpo: the target reward margin gamma (the SimPO paper's gamma/beta = 0.5 at "
-                            "beta 2.0).")
-    orpo_lambda: float = _f(0.1, "orpo: weight of the odds-ratio term beside the chosen reply's NLL (the ORPO "
-                            "paper's lambda, 0.1; TRL calls it beta).")
-    kto_desirable_weight: float = _f(1.0, "kto: weight of desirable (label true) rows (KTO paper: 1.0; raise it "
-                                     "when they are fewer than the undesirable ones).")
-    kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable (label false) rows (KTO paper: 1.0).")
-    disable_dropout: bool = _f(True, "Preference methods: LoRA and model dropout off (as TRL's disable_dropout), "
-                               "so the policy equals its reference at step 0 (DPO loss ln 2, rewards 0) and the "
-                               "log-probability ratios measure the adapter, not dropout noise.")
-    init_from: str = _f("", "A finished run directory to continue from: its adapter on its base becomes the "
-                        "starting point (the usual sft-then-dpo path); '' = a fresh adapter.")
-    reference: str = _f("init", "The frozen reference of dpo and kto: init = the starting adapter (init_from's, "
-                        "or the fresh one, which equals the base), base = the bare base model.", ("init", "base"))
-    precompute_reference: bool = _f(False, "Keep the reference log-probabilities, computed once before the first "
-                                    "step, in the data cache, so later runs and resumes with the same data and "
-                                    "reference reuse them (they are always computed once per run, never per "
-                                    "step).")
+    beta: float = _f(0.0, "dpo/kto: reference strength; simpo: reward scale. 0 = paper value: 0.1 (DPO, KTO), 2.0 "
+                     "(SimPO, Llama-3 setting).")
+    label_smoothing: float = _f(0.0, "dpo: assumed share of flipped labels in [0, 0.5); 0 = plain DPO.")
+    simpo_gamma: float = _f(1.0, "simpo: target reward margin (SimPO paper: gamma/beta 0.5 at beta 2.0).")
+    orpo_lambda: float = _f(0.1, "orpo: weight of the odds-ratio term (ORPO paper: 0.1; TRL's beta).")
+    kto_desirable_weight: float = _f(1.0, "kto: weight of desirable (label true) rows (paper: 1.0).")
+    kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable rows (paper: 1.0).")
+    disable_dropout: bool = _f(True, "Preference methods: dropout off (as TRL), so policy = reference at step 0.")
+    init_from: str = _f("", "A finished run directory: start from its adapter on its base (sft, then dpo).")
+    reference: str = _f("init", "dpo/kto's frozen reference: init = the starting adapter (init_from's, or the "
+                        "fresh one, equal to the base), base = the bare base.", ("init", "base"))
+    precompute_reference: bool = _f(False, "Keep the reference log-probabilities in the data cache for reuse.")
 
     # ------------------------------------------------------------------
     def use_bf16(self) -> bool:
@@ -404,34 +382,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         problems.append("early_stopping_patience: needs evaluation; set eval_strategy to steps or epoch")
     if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
         problems.append("load_best_model_at_end: needs evaluation; set eval_strategy to steps or epoch")
-    return problems + validate_method(cfg) + validate_qlora_keys(cfg)  # compat.py
-
-
-def validate_method(cfg: TrainConfig) -> list[str]:
-    """A preference key the method ignores, set away from its default, is an error naming both; and the values."""
-    problems = []
-    used = set(METHOD_KEYS.get(cfg.method, ())) | ({"disable_dropout"} if cfg.method != "sft" else set())
-    for key in PREFERENCE_KEYS:
-        if key not in used and getattr(cfg, key) != FIELDS[key].default:
-            problems.append(f"{key}: method {cfg.method} does not use it; remove it or choose a method that does "
-                            f"({', '.join(m for m, keys in METHOD_KEYS.items() if key in keys) or 'any but sft'})")
-    if cfg.beta < 0:
-        problems.append(f"beta: must be > 0 (or 0 for the method's paper value), got {cfg.beta}")
-    if not 0 <= cfg.label_smoothing < 0.5:
-        problems.append(f"label_smoothing: must be in [0, 0.5), got {cfg.label_smoothing}")
-    if cfg.loss_type == "robust" and cfg.label_smoothing == 0:
-        problems.append("loss_type robust: needs label_smoothing > 0 (the assumed flip rate); with 0 it is sigmoid")
-    for key in ("orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
-        if getattr(cfg, key) < 0:
-            problems.append(f"{key}: must be >= 0, got {getattr(cfg, key)}")
-    if cfg.method != "sft" and cfg.train_on_source:
-        problems.append(f"train_on_source: method {cfg.method} scores completions only; remove it")
-    return problems
-
-
-def method_beta(cfg: TrainConfig) -> float:
-    """``beta``, or the method's paper value where it is 0."""
-    return cfg.beta or PAPER_BETA.get(cfg.method, 0.0)
+    return problems + validate_method(cfg, {k: FIELDS[k].default for k in FIELDS}) + validate_qlora_keys(cfg)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

@@ -128,23 +128,33 @@ def _kill_at_checkpoint_4(args: list[str], out: Path) -> None:
     assert json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["step"] == 4
 
 
-@pytest.mark.parametrize("precompute", ["false", "true"])
-def test_resume_after_sigkill_ends_with_the_straight_runs_adapter(run_dir, tmp_path, precompute):
+def test_resume_after_sigkill_ends_with_the_straight_runs_adapter(run_dir, tmp_path):
     """Killed right after checkpoint-4, resumed: the reference is the starting adapter (not the checkpoint's), so
-    adapter and losses equal an uninterrupted run's; with precompute_reference the resume loads it from the cache."""
+    adapter and losses equal an uninterrupted run's."""
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(6))
     extra = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--per_device_train_batch_size",
-             "2", "--learning_rate", "0.01", "--lr_scheduler_type", "cosine", "--precompute_reference", precompute,
-             "--data_cache_dir", str(tmp_path / "cache")]
+             "2", "--learning_rate", "0.01", "--lr_scheduler_type", "cosine"]
     killed, full = tmp_path / "killed", tmp_path / "full"
     _kill_at_checkpoint_4(dpo_args(run_dir, data, killed, *extra), killed)
-    if precompute == "true":
-        assert list((tmp_path / "cache" / "reference").glob("*.npy"))
     assert main([*dpo_args(run_dir, data, killed, *extra), "--resume_from_checkpoint", "latest"]) == 0
     assert main(dpo_args(run_dir, data, full, *extra)) == 0
     assert rel_diff(lora_b(full), lora_b(killed)) < 1e-4
     want = [r["loss"] for r in read_metrics(full, "loss")]
     assert [r["loss"] for r in read_metrics(killed, "loss")] == pytest.approx(want, rel=1e-5)
+
+
+def test_precompute_reference_is_kept_and_reused(run_dir, tmp_path, caplog):
+    """precompute_reference: the first run computes the reference log-probabilities into the data cache; a second
+    run (or a resume) with the same data and starting adapter loads them and logs the same step."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    extra = ["--max_steps", "1", "--precompute_reference", "true", "--data_cache_dir", str(tmp_path / "cache")]
+    with caplog.at_level("INFO", logger="qlorakit"):
+        assert main(dpo_args(run_dir, data, tmp_path / "a", *extra)) == 0
+        assert main(dpo_args(run_dir, data, tmp_path / "b", *extra)) == 0
+    said = [r.getMessage() for r in caplog.records if "reference log-probabilities" in r.getMessage()]
+    assert [s.split(":")[1].split()[0] for s in said] == ["computed,", "loaded"]
+    assert len(list((tmp_path / "cache" / "reference").glob("*.npy"))) == 1
+    assert read_metrics(tmp_path / "b", "loss")[0]["loss"] == read_metrics(tmp_path / "a", "loss")[0]["loss"]
 
 
 @pytest.mark.parametrize("method", ["orpo", "simpo", "ipo", "kto"])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from ..config import FIELDS, METHOD_KEYS, TrainConfig, default_of, method_beta
+from ..config import FIELDS, TrainConfig, default_of
+from ..config_methods import METHOD_KEYS, method_beta
 from ..data.mixture import SourceSummary
 from ..resources import SAMPLE_DATASET
 

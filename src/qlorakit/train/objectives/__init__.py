@@ -8,7 +8,8 @@ An objective has ``name``, ``preference``, ``collate(examples, ids, pad_id, pack
 
 from __future__ import annotations
 
-from ...config import TrainConfig, method_beta
+from ...config import TrainConfig
+from ...config_methods import method_beta
 from .preference import KTO, Pairs
 from .sft import SFT
 
