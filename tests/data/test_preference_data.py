@@ -91,3 +91,16 @@ def test_layouts_detected_and_emptied_pairs_counted_through_the_cache(tokenizer,
                                                {"prompt": "p", "completion": "no", "label": False}])
     kinds = [ex.pref[0] for ex in _prepare(kto, tokenizer, tmp_path).train]
     assert sorted(kinds) == [KTO_GOOD, KTO_BAD]
+
+
+def test_data_check_shows_a_pairs_spans(tokenizer, tmp_path):
+    from qlorakit.data.check import check_data
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [PAIR_ROW])
+    opts = DataOptions(tuple(parse_dataset_arg(str(path), "dataset", "auto")), cache_dir=str(tmp_path / "cache"),
+                       prompt_format="chatml")
+    report = check_data(opts, tokenizer)
+    prompt = report[report.index("prompt ("):report.index("\nchosen (")]
+    assert PAIR_ROW["prompt"] in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert "\nchosen (7 tokens): «The text does not say.<|im_end|>»" in report
+    assert "\nrejected (" in report and "«Kelmarsh.<|im_end|>»" in report
