@@ -51,7 +51,13 @@ def test_dpo_step0_is_ln2_with_zero_rewards_and_an_emptied_pair_is_dropped(run_d
     assert first["logps/chosen"] < 0 and math.isfinite(second["loss"])
     assert second["loss"] < first["loss"] and second["rewards/margins"] > 0  # one update moved it the right way
     card = (out / "README.md").read_text()
-    assert "dpo" in card and str(run_dir) in card
+    assert "| method | dpo |" in card and f"| init_from | {run_dir} |" in card and "| beta | 0.1 |" in card
+    # A preference run is a run like any other: merge and generate take its directory.
+    assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "Which word follows alpha?"}])
+    assert main(["generate", str(out), "--input", str(prompts), "--output", str(tmp_path / "a.jsonl"),
+                 "--max_new_tokens", "4"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "a.jsonl").read_text().strip()
 
 
 def test_with_dropout_on_the_step0_rewards_are_not_zero(run_dir, tmp_path):
