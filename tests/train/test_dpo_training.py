@@ -188,3 +188,24 @@ def test_other_methods_train_and_evaluate(run_dir, tmp_path, method):
         assert "kl" in train_rows[0] and "eval_kl" in evals[-1]
     else:
         assert "rewards/accuracies" in train_rows[0] and "eval_rewards/accuracies" in evals[-1]
+
+
+def test_two_processes_equal_one(run_dir, tmp_path):
+    """DDP on CPU (gloo): 2 ranks x 2 pairs give the adapter and each step's loss and rewards of 1 process x 4 pairs
+    (the reference log-probabilities computed in shares by the ranks and summed). Two SGD steps, so the second
+    step's rewards are not 0."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    one, two = tmp_path / "one", tmp_path / "two"
+    sgd = [("2" if SGD_ONE_STEP[i - 1] == "--max_steps" else a) for i, a in enumerate(SGD_ONE_STEP)]
+    assert main(dpo_args(run_dir, data, one, *sgd, "--per_device_train_batch_size", "4")) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "qlorakit",
+           *dpo_args(run_dir, data, two, *sgd, "--per_device_train_batch_size", "2")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert rel_diff(lora_b(one), lora_b(two)) < 1e-4
+    a, b = read_metrics(one, "loss"), read_metrics(two, "loss")
+    assert len(a) == len(b) == 2 and abs(a[1]["rewards/margins"]) > 1e-4
+    for ra, rb in zip(a, b):
+        for key in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7)
