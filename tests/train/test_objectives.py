@@ -101,3 +101,18 @@ def test_kto_with_its_kl_term():
     # A negative KL estimate is clamped to 0 (the reference point is a KL divergence).
     assert torch.equal(kto_losses(t(logps), t(refs), torch.tensor(desirable), t(-5.0), beta=beta)[0],
                        kto_losses(t(logps), t(refs), torch.tensor(desirable), t(0.0), beta=beta)[0])
+
+
+def test_a_key_the_method_ignores_is_an_error_naming_both():
+    from qlorakit.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"simpo_gamma: method dpo does not use it.*\(simpo\)"):
+        build_config(["--method", "dpo", "--simpo_gamma", "2"])
+    with pytest.raises(ConfigError, match=r"label_smoothing: method sft does not use it.*\(dpo\)"):
+        build_config(["--label_smoothing", "0.1"])
+    with pytest.raises(ConfigError, match="loss_type robust: needs label_smoothing > 0"):
+        build_config(["--method", "dpo", "--loss_type", "robust"])
+    cfg = build_config(["--method", "simpo"])
+    from qlorakit.config_methods import method_beta
+
+    assert (method_beta(cfg), method_beta(build_config(["--method", "dpo"]))) == (2.0, 0.1)
