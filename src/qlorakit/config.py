@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from .compat import ALIASES, QLORA_KEYS, QloraKeys, add_alias_options, resolve, validate_qlora_keys
+from .config_methods import METHODS, validate_method
 from .config_values import ValueProblem, coerce
 from .config_checks import DATA_PAIRS, value_problems
 from .errors import UserError
@@ -100,7 +101,7 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                            "the list in YAML flow style: '[{path: a.jsonl, weight: 0.7}, {path: b.parquet}]'.")
     dataset_format: str = _f("auto", "Row layout of the sources that do not set their own format (auto = from the "
                              "first row's fields or a table's columns); sharegpt reads conversations/from/value.",
-                             ("auto", "airoboros", "alpaca", "messages", "sharegpt"))
+                             ("auto", "airoboros", "alpaca", "messages", "sharegpt", "pairs", "kto"))
     prompt_format: str = _f("airoboros", "How conversations are rendered to text.",
                             ("airoboros", "vicuna", "alpaca", "chatml", "llama2", "tokenizer"))
     model_max_len: int = _f(1024, "Longest example in tokens.")
@@ -177,6 +178,24 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
     logging_steps: int = _f(1, "Log every N optimizer steps.")
     # --- distributed ---
     fsdp: bool = _f(False, "Under torchrun: shard the model with FSDP2 instead of replicating it with DDP.")
+    # --- preference tuning ---
+    method: str = _f("sft", "sft, or on prompt/chosen/rejected pairs dpo (Rafailov et al. 2023), orpo (Hong et "
+                     "al. 2024), simpo (Meng et al. 2024); kto (Ethayarajh et al. 2024) on labelled rows.", METHODS)
+    loss_type: str = _f("sigmoid", "dpo's loss: sigmoid (with label_smoothing: cDPO), ipo (Azar et al. 2023, on "
+                        "token-averaged log-probabilities as TRL) or robust (rDPO, Chowdhury et al. 2024).",
+                        ("sigmoid", "ipo", "robust"))
+    beta: float = _f(0.0, "dpo/kto: reference strength; simpo: reward scale. 0 = paper value: 0.1 (DPO, KTO), 2.0 "
+                     "(SimPO, Llama-3 setting).")
+    label_smoothing: float = _f(0.0, "dpo: assumed share of flipped labels in [0, 0.5); 0 = plain DPO.")
+    simpo_gamma: float = _f(1.0, "simpo: target reward margin (SimPO paper: gamma/beta 0.5 at beta 2.0).")
+    orpo_lambda: float = _f(0.1, "orpo: weight of the odds-ratio term (ORPO paper: 0.1; TRL's beta).")
+    kto_desirable_weight: float = _f(1.0, "kto: weight of desirable (label true) rows (paper: 1.0).")
+    kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable rows (paper: 1.0).")
+    disable_dropout: bool = _f(True, "Preference methods: dropout off (as TRL), so policy = reference at step 0.")
+    init_from: str = _f("", "A finished run directory: start from its adapter on its base (sft, then dpo).")
+    reference: str = _f("init", "dpo/kto's frozen reference: init = the starting adapter (init_from's, or the "
+                        "fresh one, equal to the base), base = the bare base.", ("init", "base"))
+    precompute_reference: bool = _f(False, "Keep the reference log-probabilities in the data cache for reuse.")
 
     # ------------------------------------------------------------------
     def use_bf16(self) -> bool:
@@ -210,7 +229,7 @@ def _suggest(key: str) -> str:
 
 
 SECTIONS = {"model_name_or_path": "model", "lora_r": "LoRA", "dataset": "data", "output_dir": "schedule",
-            "eval_strategy": "evaluation, checkpoints, logging", "fsdp": "distributed",
+            "eval_strategy": "evaluation, checkpoints, logging", "fsdp": "distributed", "method": "preference tuning",
             "source_max_len": "qlora and Trainer"}  # first key: section title
 TRAIN_USAGE = "qlorakit train [CONFIG.yaml] [--key value ...] [--nproc N]"
 TRAIN_DESCRIPTION = """Fine-tune a causal LM with QLoRA. Without arguments: the embedded default job
@@ -352,7 +371,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         if choices and getattr(cfg, name) not in choices:
             problems.append(f"{name}: {getattr(cfg, name)!r} is not one of {', '.join(map(str, choices))}")
     problems += value_problems(cfg)  # config_checks.py: ranges and combinations
-    return problems + validate_qlora_keys(cfg)  # compat.py
+    return problems + validate_method(cfg, {k: FIELDS[k].default for k in FIELDS}) + validate_qlora_keys(cfg)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

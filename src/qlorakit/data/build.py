@@ -12,20 +12,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from .formats import PARSERS, Conversation, DataError, Fields, detect_format, json_line
+from .formats import PARSERS, PREFERENCE_LAYOUTS, Conversation, DataError, Fields, detect_format, json_line
+from .pairs import PREFERENCE_PARSERS
 from .reading import BOM, Part
-from .tokenize import STATUSES, apply_length_policy, tokenize_many
+from .tokenize import (STATUSES, Example, apply_length_policy, bos_ids, preference_policy, tokenize_many,
+                       tokenize_preference)
 
 BLANK = len(STATUSES)  # status of a blank JSONL line: not a row
 ROWS_PER_PROCESS = 20_000  # below this many rows per process, starting processes costs more than it saves
-COLUMNS = ("input_ids", "labels", "line", "status", "full_length", "n_trained", "error")
+COLUMNS = ("input_ids", "labels", "line", "status", "full_length", "n_trained", "error", "pref_kind", "prompt_len",
+           "chosen_len")  # pref_*: Example.pref of a preference row (0, 0, 0 for a supervised one)
 
 
 @dataclass(frozen=True)
 class Recipe:
     """Everything that decides the examples of a row, besides the row itself (all of it is in the cache key)."""
 
-    layout: str  # airoboros, alpaca, messages
+    layout: str  # airoboros, alpaca, messages; pairs, kto (preference rows)
     fields: Fields  # the source's column mapping (messages say "field" for JSON rows, "column" for tables)
     prompt_format: str
     model_max_len: int
@@ -41,7 +44,9 @@ def features():
     ids = datasets.List(datasets.Value("int32"))
     return datasets.Features({"input_ids": ids, "labels": ids, "line": datasets.Value("int64"),
                               "status": datasets.Value("int8"), "full_length": datasets.Value("int32"),
-                              "n_trained": datasets.Value("int32"), "error": datasets.Value("string")})
+                              "n_trained": datasets.Value("int32"), "error": datasets.Value("string"),
+                              "pref_kind": datasets.Value("int8"), "prompt_len": datasets.Value("int32"),
+                              "chosen_len": datasets.Value("int32")})
 
 
 def num_processes(rows: int, asked: int) -> int:
@@ -77,8 +82,8 @@ def _detected(row: dict, where: str, noun: str, fields: Fields | None = None) ->
     if fmt is None:
         keys = ", ".join(sorted(row)) or "none"
         raise DataError(f"{where}: cannot tell the row layout from its {noun} ({keys}); expected "
-                        "instruction+response (airoboros), instruction+input+output (alpaca) or messages; "
-                        "or set the format")
+                        "instruction+response (airoboros), instruction+input+output (alpaca), messages, "
+                        "prompt+chosen+rejected (pairs) or prompt+completion+label (kto); or set the format")
     return fmt
 
 
@@ -106,7 +111,7 @@ def _conversation(batch: dict, k: int, index: int, part: Part, recipe: Recipe) -
         where = f"{part.label}:row {index + 1}"
         row = _without_nulls({c: batch[c][k] for c in batch})
     fields = recipe.fields if part.jsonl else Fields(recipe.fields.names, "column")
-    return PARSERS[recipe.layout](row, where, fields)
+    return {**PARSERS, **PREFERENCE_PARSERS}[recipe.layout](row, where, fields)
 
 
 def convert_batch(batch: dict, indices: list[int], *, part: Part, recipe: Recipe, tokenizer) -> dict:
@@ -127,32 +132,52 @@ def convert_batch(batch: dict, indices: list[int], *, part: Part, recipe: Recipe
         if isinstance(example, str):
             out["error"][slot] = example
             continue
-        kept, status = apply_length_policy(example, recipe.model_max_len, recipe.truncation, recipe.source_max_len,
-                                           recipe.target_max_len)
+        kept, status = _policy(example, recipe, tokenizer)
         out["status"][slot] = STATUSES.index(status)
-        out["full_length"][slot] = len(example)
+        out["full_length"][slot] = sequence_length(example)
         if kept is not None:
             out["input_ids"][slot], out["labels"][slot] = kept.input_ids, kept.labels
             out["n_trained"][slot] = kept.n_trained
+            if kept.pref:
+                out["pref_kind"][slot], out["prompt_len"][slot], out["chosen_len"][slot] = kept.pref
     return out
 
 
+def _policy(example: Example, recipe: Recipe, tokenizer) -> tuple[Example | None, str]:
+    if example.pref:
+        return preference_policy(example, recipe.model_max_len, recipe.truncation, recipe.source_max_len,
+                                 recipe.target_max_len, len(bos_ids(tokenizer)))
+    return apply_length_policy(example, recipe.model_max_len, recipe.truncation, recipe.source_max_len,
+                               recipe.target_max_len)
+
+
+def sequence_length(example: Example) -> int:
+    """The longest sequence of an example: itself, or a pair's prompt with its longer completion."""
+    if example.pref and example.pref[0] == 1:
+        _, p, c = example.pref
+        return max(p + c, len(example) - p - c)
+    return len(example)
+
+
 def _put(out: dict, line: int, status: int, error: str | None) -> None:
-    for c, v in zip(COLUMNS, ([], [], line, status, 0, 0, error)):
+    for c, v in zip(COLUMNS, ([], [], line, status, 0, 0, error, 0, 0, 0)):
         out[c].append(v)
 
 
 def _tokenized(convs: list[Conversation], recipe: Recipe, tokenizer) -> list:
     """Examples for ``convs`` in one tokenizer call; where a row cannot be rendered, its message instead."""
-    args = (tokenizer, recipe.prompt_format, recipe.train_on_source)
+    if recipe.layout in PREFERENCE_LAYOUTS:
+        args, tokenize = (tokenizer, recipe.prompt_format), tokenize_preference
+    else:
+        args, tokenize = (tokenizer, recipe.prompt_format, recipe.train_on_source), tokenize_many
     try:
-        return tokenize_many(convs, *args)
+        return tokenize(convs, *args)
     except (ValueError, UserError):
         pass
     out = []
     for conv in convs:  # find the row that cannot be rendered (a system turn that does not come first, ...)
         try:
-            out += tokenize_many([conv], *args)
+            out += tokenize([conv], *args)
         except ValueError as e:
             out.append(f"{conv.source}: {e}")
     return out

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .formats import DataError
 
-CACHE_FORMAT = 1  # bump when the stored columns change
-_CODE = ("formats.py", "templates.py", "tokenize.py", "build.py")  # the modules that decide an example
+CACHE_FORMAT = 2  # bump when the stored columns change
+_CODE = ("formats.py", "pairs.py", "templates.py", "tokenize.py", "build.py")  # the modules that decide an example
 
 
 def default_cache_dir() -> Path:

@@ -15,7 +15,7 @@ from ..config import TrainConfig
 from .build import BLANK
 from .examples import ExampleStore
 from .prepare import DataOptions, load_source, prepare_data
-from .tokenize import IGNORE, policy_lines
+from .tokenize import IGNORE, PAIR, policy_lines, preference_parts
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -37,6 +37,15 @@ def marked_example(ex, tokenizer) -> str:
     if trained:
         out.append("»")
     return "".join(out)
+
+
+def marked_preference(ex, tokenizer) -> list[str]:
+    """A preference example's spans: the prompt (shared, tokenized once), then each completion between « and »."""
+    prompt, comps = preference_parts(ex)
+    names = ("chosen", "rejected") if ex.pref[0] == PAIR else \
+        ("desirable completion" if ex.pref[0] == PAIR + 1 else "undesirable completion",)
+    return [f"prompt ({len(prompt)} tokens): {''.join(tokenizer.decode([t]) for t in prompt)}"] + \
+        [f"{name} ({len(c)} tokens): «{''.join(tokenizer.decode([t]) for t in c)}»" for name, c in zip(names, comps)]
 
 
 def source_block(store: ExampleStore, source: int, name: str, opts: DataOptions) -> list[str]:
@@ -78,7 +87,8 @@ def check_data(opts: DataOptions, tokenizer) -> str:
     first = store.usable(np.arange(len(store)))
     if len(first):
         ex = store.example(int(first[0]))
-        lines += ["", f"example ({ex.source}), trained spans between « and »:", marked_example(ex, tokenizer)]
+        shown = marked_preference(ex, tokenizer) if ex.pref else [marked_example(ex, tokenizer)]
+        lines += ["", f"example ({ex.source}), trained spans between « and »:", *shown]
     return "\n".join(lines)
 
 

@@ -49,6 +49,11 @@ class ExampleStore:
         self.line, self.status = col("line"), col("status")
         self.full_length, self.trained = col("full_length"), col("n_trained")
         self.length = np.concatenate([np.diff(o) for o in self._ids.offsets] or [np.zeros(0, np.int32)])
+        # Preference rows (Example.pref); a table cached before they existed has none.
+        names = table.column_names
+        self.pref_kind, self.prompt_len, self.chosen_len = (
+            col(n) if n in names else np.zeros(len(self.line), np.int32) for n in ("pref_kind", "prompt_len",
+                                                                                   "chosen_len"))
         self.parts = [p for ps in parts for p in ps]
         counts = [n for rows in part_rows for n in rows]
         self.part = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
@@ -64,7 +69,9 @@ class ExampleStore:
         return f"{info.label}:{int(self.line[p])}" if info.jsonl else f"{info.label}:row {int(self.line[p])}"
 
     def example(self, p: int) -> Example:
-        return Example(self._ids.row(p), self._labels.row(p), self.where(p))
+        kind = int(self.pref_kind[p])
+        pref = (kind, int(self.prompt_len[p]), int(self.chosen_len[p])) if kind else ()
+        return Example(self._ids.row(p), self._labels.row(p), self.where(p), pref=pref)
 
     def usable(self, pos: np.ndarray) -> np.ndarray:
         """The positions among ``pos`` that training uses (kept whole or truncated)."""

@@ -29,12 +29,14 @@ class Conversation:
     source: str  # "file:line", for messages about this row
 
 
-ROW_LAYOUTS = ("airoboros", "alpaca", "messages")
+ROW_LAYOUTS = ("airoboros", "alpaca", "messages", "pairs", "kto")  # pairs, kto: preference rows (data/pairs.py)
+PREFERENCE_LAYOUTS = ("pairs", "kto")
 ALIASES = {"sharegpt": "messages"}  # ShareGPT's conversations/from/value rows are read by the messages parser
 ROLES = ("system", "user", "assistant")
 # The fields each layout reads; a source's ``columns`` mapping renames them to its own column names.
 FIELDS = {"airoboros": ("instruction", "response", "system"), "alpaca": ("instruction", "input", "output"),
-          "messages": ("messages", "role", "content")}
+          "messages": ("messages", "role", "content"), "pairs": ("prompt", "chosen", "rejected", "system"),
+          "kto": ("prompt", "completion", "label", "system")}
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ PLAIN = Fields()
 
 def detect_format(row: dict) -> str | None:
     """The layout of ``row`` guessed from its keys, or None."""
+    if "chosen" in row and "rejected" in row:
+        return "pairs"
+    if "completion" in row and "label" in row:
+        return "kto"
     if "messages" in row or "conversations" in row:
         return "messages"
     if "output" in row and "instruction" in row:

@@ -23,6 +23,10 @@ class Example:
     # (tokens, is a reply) of each run of prompt or reply tokens in order, as rendered (whatever train_on_source
     # makes of the labels): what source_max_len and target_max_len cut. Not kept with cached examples.
     spans: tuple[tuple[int, bool], ...] = field(default=(), compare=False, repr=False)
+    # Preference examples (data/pairs.py rows): (kind, prompt tokens, chosen tokens). A pair (PAIR) is stored as
+    # the two sequences of its packed row, prompt + chosen then prompt + rejected; a KTO row (KTO_GOOD, KTO_BAD)
+    # as prompt + completion, its third number 0. () for a supervised example.
+    pref: tuple[int, ...] = ()
 
     @property
     def n_trained(self) -> int:
@@ -158,6 +162,86 @@ def apply_length_policy(ex: Example, max_len: int, truncation: str = "truncate",
     if ex.n_trained == 0:
         return None, "dropped_no_trained_tokens"
     return ex, status
+
+
+PAIR, KTO_GOOD, KTO_BAD = 1, 2, 3
+
+
+def prompt_and_completions(prompt: tuple, completions: list[str], tokenizer, prompt_format: str
+                           ) -> tuple[list[Segment], list[Segment]]:
+    """The prompt's segments (through the assistant prefix) and each completion's segment (its text and the
+    format's end of turn, trained), rendered as the conversation prompt + that completion. The prompt segments must
+    not depend on the completion, so the boundary is exact and nothing is duplicated at it."""
+    from .formats import Message
+
+    rendered = [render_segments((*prompt, Message("assistant", c)), prompt_format, tokenizer) for c in completions]
+    head = rendered[0][:-1]
+    if any(r[:-1] != head or not r[-1].trained for r in rendered):
+        raise ValueError("the prompt format renders the prompt differently for different completions; choose "
+                         "another prompt_format")
+    return head, [r[-1] for r in rendered]
+
+
+def tokenize_preference(rows: list, tokenizer, prompt_format: str) -> list[Example]:
+    """Examples of preference rows (PairRow or KtoRow), with one tokenizer call for all their texts: the prompt's
+    ids once (BOS first where the tokenizer adds one), each completion's ids after it. A pair is stored as the two
+    sequences of its packed row: prompt + chosen, prompt + rejected."""
+    rendered = []
+    for row in rows:
+        texts = [row.chosen, row.rejected] if hasattr(row, "chosen") else [row.completion]
+        rendered.append(prompt_and_completions(row.prompt, texts, tokenizer, prompt_format))
+    texts = [s.text for head, tails in rendered for s in (*head, *tails)]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    bos, out = bos_ids(tokenizer), []
+    for row, (head, tails) in zip(rows, rendered):
+        prompt = list(bos) + [t for _ in head for t in next(encoded)]
+        comps = [next(encoded) for _ in tails]
+        if len(comps) == 2:
+            ids = prompt + comps[0] + prompt + comps[1]
+            labels = [IGNORE] * len(prompt) + comps[0] + [IGNORE] * len(prompt) + comps[1]
+            pref = (PAIR, len(prompt), len(comps[0]))
+        else:
+            ids, labels = prompt + comps[0], [IGNORE] * len(prompt) + comps[0]
+            pref = (KTO_GOOD if row.desirable else KTO_BAD, len(prompt), 0)
+        out.append(Example(ids, labels, row.source, pref=pref))
+    return out
+
+
+def preference_parts(ex: Example) -> tuple[list[int], list[list[int]]]:
+    """The prompt ids and the completions' ids of a preference example."""
+    kind, p, c = ex.pref
+    ids = ex.input_ids
+    if kind == PAIR:
+        return ids[:p], [ids[p:p + c], ids[2 * p + c:]]
+    return ids[:p], [ids[p:]]
+
+
+def preference_example(prompt: list[int], comps: list[list[int]], kind: int, source: str) -> Example:
+    ids = [t for c in comps for t in prompt + c]
+    labels = [t for c in comps for t in [IGNORE] * len(prompt) + c]
+    return Example(ids, labels, source, pref=(kind, len(prompt), len(comps[0]) if kind == PAIR else 0))
+
+
+def preference_policy(ex: Example, max_len: int, truncation: str = "truncate", source_max_len: int = 0,
+                      target_max_len: int = 0, n_bos: int = 0) -> tuple[Example | None, str]:
+    """The length policy of a preference example, on each of its sequences (prompt + one completion): the prompt
+    keeps its LAST ``source_max_len`` tokens (after its BOS, ``n_bos`` tokens, which stays), each completion its
+    first ``target_max_len``; then a sequence over ``max_len`` drops the row ("drop") or has its completion cut to
+    the room the prompt leaves ("truncate"). A completion left empty drops the row (counted, never a NaN)."""
+    prompt, comps = preference_parts(ex)
+    status = "kept"
+    if source_max_len and len(prompt) > source_max_len:
+        keep = max(source_max_len - n_bos, 0)
+        prompt, status = prompt[:n_bos] + (prompt[len(prompt) - keep:] if keep else []), "truncated"
+    if target_max_len and any(len(c) > target_max_len for c in comps):
+        comps, status = [c[:target_max_len] for c in comps], "truncated"
+    if len(prompt) + max(len(c) for c in comps) > max_len:
+        if truncation == "drop":
+            return None, "dropped_too_long"
+        comps, status = [c[:max(max_len - len(prompt), 0)] for c in comps], "truncated"
+    if any(not c for c in comps):
+        return None, "dropped_no_trained_tokens"
+    return preference_example(prompt, comps, ex.pref[0], ex.source), status
 
 
 def tokenize_all(convs: list[Conversation], tokenizer, prompt_format: str, max_len: int,

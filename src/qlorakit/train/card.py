@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..config import FIELDS, TrainConfig, default_of
+from ..config_methods import METHOD_KEYS, method_beta
 from ..data.mixture import SourceSummary
 from ..metrics import LABELS, METRICS
 from ..resources import SAMPLE_DATASET
@@ -162,7 +163,13 @@ def hyperparameter_rows(cfg: TrainConfig) -> list[str]:
             "use_dora", "neftune_noise_alpha", "bits", "quant_type", "double_quant", "bf16",
             "gradient_checkpointing", "offload_activations", "model_max_len", "train_on_source", "prompt_loss_weight",
             "packing", "seed"]
-    return [f"| {k} | {getattr(cfg, k)} |" for k in keys]
+    rows = [f"| {k} | {getattr(cfg, k)} |" for k in keys]
+    if cfg.method != "sft" or cfg.init_from:
+        start = Path(cfg.init_from).name if cfg.init_from else "(a fresh adapter)"  # by name: no local path
+        rows = [f"| method | {cfg.method} |"] + rows + [f"| init_from | {start} |"]
+        rows += [f"| {k} | {method_beta(cfg) if k == 'beta' else getattr(cfg, k)} |"
+                 for k in (*METHOD_KEYS[cfg.method], "disable_dropout") if cfg.method != "sft"]
+    return rows
 
 
 def results_section(metrics: list[dict], best_step: int | None, stopped: str, metric: str = "eval_loss") -> list[str]:

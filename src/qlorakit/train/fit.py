@@ -109,7 +109,7 @@ def log_step(run: Run, result: StepResult, meter: Throughput) -> None:
     epoch, tok_s = round(step / run.steps_per_epoch, 4), meter.take()
     row = {"step": step, "epoch": epoch, "loss": result.loss, "learning_rate": result.learning_rate,
            "grad_norm": result.grad_norm, "tokens_per_second": tok_s,
-           "trained_tokens": result.trained_tokens} | peak_memory(run.device)
+           "trained_tokens": result.trained_tokens} | result.metrics | peak_memory(run.device)
     run.metrics.write(row)
     run.bar.update(row)
 
@@ -134,8 +134,10 @@ def scores(run: Run) -> dict:
     cfg, res = run.cfg, {}
     kw = dict(batch_size=cfg.per_device_eval_batch_size, pad_id=run.pad_id, device=run.device, use_bf16=run.use_bf16)
     if run.eval_ex:
-        res.update(run.hooks.evaluate(run.model, run.eval_ex, packing=run.packing, **kw))
-        if cfg.eval_generate and not cfg.train_on_source:  # train_on_source: no prompt/reply boundary to answer at
+        more = {"objective": run.objective} if run.objective.preference else {}
+        res.update(run.hooks.evaluate(run.model, run.eval_ex, packing=run.packing, **kw, **more))
+        # answers need a prompt/reply boundary: none with train_on_source; a preference pair is scored by its rewards
+        if cfg.eval_generate and not cfg.train_on_source and not run.objective.preference:
             res.update(run.hooks.answer(run.model, run.tokenizer, run.eval_ex, n=cfg.eval_generate,
                                         prompt_format=cfg.prompt_format, max_new_tokens=cfg.eval_max_new_tokens,
                                         batch_size=cfg.per_device_eval_batch_size, info=run.info,
@@ -147,7 +149,10 @@ def scores(run: Run) -> dict:
 
 def eval_line(run: Run, res: dict) -> str:
     """The progress line of an evaluation: loss, the answer metrics, MMLU."""
-    shown = [f"loss {res['eval_loss']:.4f} perplexity {res['eval_perplexity']:.2f}"] if "eval_loss" in res else []
+    shown = [f"loss {res['eval_loss']:.4f}" + (f" perplexity {res['eval_perplexity']:.2f}" if "eval_perplexity" in res
+                                                else "")] if "eval_loss" in res else []
+    if "eval_rewards/accuracies" in res:  # a preference method's
+        shown.append(f"reward accuracy {res['eval_rewards/accuracies']:.4f}")
     shown += [f"{LABELS[m]} {res[metric_key(m)]:.4f}" for m in METRICS if metric_key(m) in res]
     if run.mmlu is not None:
         shown.append(f"MMLU {run.mmlu.split} accuracy {res[f'mmlu_{run.mmlu.split}_accuracy']:.4f}")

@@ -39,7 +39,11 @@ from . import checkpoint as ckpt
 from . import processes, schedule
 from .distributed import load_adapter, load_optimizer, wrap_model
 from .mmlu import MMLU, load_mmlu, mmlu_file
+from .objectives import objective_for
+from .objectives.sft import SFT
 from .optim import build_optimizer, build_scheduler, param_groups, warmup_steps
+from .preference_setup import (apply_init_from, check_method_data, disable_dropout, load_init_adapter,
+                               prepare_reference)
 from .progress import Metrics, Progress
 from .step import accumulate, supports_packing
 from .tracking import Trackers, require_trackers, start_trackers
@@ -86,6 +90,7 @@ class Run:
     sources: list[SourceSummary] = field(default_factory=list)  # each data source with the rows it gave (the card)
     mmlu: MMLU | None = None  # do_mmlu_eval's questions, scored at each evaluation
     trackers: Trackers = field(default_factory=Trackers)  # report_to's (rank 0)
+    objective: Any = field(default_factory=SFT)  # cfg.method's: how examples become batches and a loss (objectives/)
 
     @property
     def pad_id(self) -> int:
@@ -181,6 +186,10 @@ def build_model(cfg: TrainConfig, path: str, device: torch.device):
                      seed=cfg.seed, rslora=cfg.use_rslora, dora=cfg.use_dora, init=cfg.init_lora_weights,
                      base_path=path)
     add_neftune(model, cfg.neftune_noise_alpha)
+    if cfg.init_from:
+        load_init_adapter(model, cfg)
+    if cfg.method != "sft" and cfg.disable_dropout and disable_dropout(model):
+        log.info("dropout: off (disable_dropout), so the policy equals its reference at step 0")
     return model, modules
 
 
@@ -213,7 +222,10 @@ def decide_checkpointing(cfg: TrainConfig, model, lengths: np.ndarray, packing: 
 def use_chunked_loss(cfg: TrainConfig, model, device: torch.device) -> bool:
     """``chunked_loss``: true or false as asked (true refused where the head is not plain); auto = on CUDA, where
     full-vocabulary float32 logits are what fills the memory, for models whose head it can take."""
-    if cfg.chunked_loss == "false":
+    if cfg.chunked_loss == "false" or cfg.method != "sft":
+        if cfg.chunked_loss == "true" and cfg.method != "sft":
+            raise UserError(f"chunked_loss: method {cfg.method} needs each sequence's log-probability, which the "
+                            "chunked head does not give; set chunked_loss auto or false")
         return False
     supported = supports_chunked_loss(model)
     if cfg.chunked_loss == "true" and not supported:
@@ -300,6 +312,7 @@ def reschedule(cfg: TrainConfig, optimizer, state: ckpt.TrainState, total: int, 
 def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -> Run:
     """Everything the first step needs, checked and reported; resumed from a checkpoint where the config says so."""
     hooks = hooks or Hooks()
+    cfg = apply_init_from(cfg)  # the starting run's base, adapter shape and prompt format
     info = processes.init()
     log_to_stderr(logging.INFO if info.is_main else logging.WARNING)
     device = devices.device_for_training()
@@ -318,6 +331,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
 
     tokenizer, base_path, data = tokenizer_and_data(cfg, info, resume_path)
     train_ex, eval_ex = data.train, data.eval
+    check_method_data(cfg, train_ex, eval_ex)
     model, modules = build_model(cfg, base_path, device)
     mmlu = load_mmlu(cfg, tokenizer)
     packing = cfg.packing and supports_packing(model)
@@ -336,6 +350,9 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     if info.is_main:
         log.info("gradient checkpointing: %s (%s)", "on" if checkpointing else "off", why)
 
+    objective = objective_for(cfg)
+    prepare_reference(cfg, objective, model, data, pad_id=tokenizer.pad_token_id, packing=packing, device=device,
+                      use_bf16=cfg.use_bf16(), info=info, cache_root=DataOptions.from_config(cfg).cache_root())
     lengths = budget_lengths(cfg, train_ex)
     total = schedule.total_steps(cfg, len(train_ex), info.world_size, lengths)
     if info.is_main:
@@ -368,4 +385,4 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
                eval_ex=eval_ex, packing=packing, use_bf16=cfg.use_bf16(), params=params, optimizer=optimizer,
                scheduler=scheduler, state=state, total_steps=total, steps_per_epoch=per_epoch, metrics=metrics,
                bar=bar, hooks=hooks, chunked_loss=chunked, sources=data.sources, mmlu=mmlu,
-               trackers=trackers)
+               trackers=trackers, objective=objective)

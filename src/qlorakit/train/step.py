@@ -1,5 +1,9 @@
 """One optimizer step: forward and backward with the loss normalized by trained tokens, and the non-finite policy.
 
+The objective (train/objectives/) turns examples into micro-batches and a micro-batch into a summed loss; SFT sums
+over trained tokens (below), a preference method over examples, and the step divides by the count of its unit in the
+whole step either way.
+
 The loss of an optimizer step is the sum of per-token losses over ALL its micro-batches (and ranks) divided by the
 number of trained tokens in all of them. Each micro-batch's summed loss is divided by that global count before
 backward, so accumulated gradients equal those of one big batch. (The common mean-of-means twin divides each
@@ -9,22 +13,18 @@ micro-batch by its own count and weights a short reply's tokens more than a long
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from ..data.batching import collate, collate_varlen, to_device, trained_weight
-from ..data.tokenize import IGNORE
 from ..errors import UserError
-from ..model.loss import causal_lm, loss_sum_chunked, weighted_cross_entropy_sum
 from ..model.neftune import example_lengths
 from . import checkpoint as ckpt
 from . import processes
+from .objectives.forward import accepts
+from .objectives.sft import SFT, count_trained, loss_sum  # noqa: F401  (loss_sum, count_trained: their old home)
 from .schedule import ScheduledStep
 
 if TYPE_CHECKING:
@@ -41,50 +41,10 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def accepts(model, arg: str) -> bool:
-    return arg in _forward_params(type(causal_lm(model)))
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_params(cls) -> frozenset:
-    """Keyword names of a model class's forward, read once per class (loss_sum asks on every micro-batch)."""
-    return frozenset(inspect.signature(cls.forward).parameters)
-
-
 def supports_packing(model) -> bool:
     """Padding-free packing needs position ids that restart per example (RoPE models such as LLaMA). ALiBi models
     such as MPT take no position ids, so they are trained on padded batches."""
     return accepts(model, "position_ids")
-
-
-def loss_sum(model, batch: dict[str, torch.Tensor], device: torch.device,
-             chunked: bool = False) -> tuple[torch.Tensor, int]:
-    """Summed cross entropy over the trained positions of ``batch``, and their count.
-
-    Logits are computed only where a target is trained (``logits_to_keep`` as a boolean mask), which skips the
-    vocabulary projection for prompt and padding positions. ``chunked``: the head and the loss run a chunk of
-    trained positions at a time (model/loss.py), so full-vocabulary float32 logits never exist.
-    """
-    inputs = to_device({k: v for k, v in batch.items() if k not in ("targets", "weights")}, device)
-    weights = batch.get("weights")  # (B, T) with prompt_loss_weight: the sum is weighted, the count the weight's
-    if chunked:
-        return loss_sum_chunked(model, inputs, batch["targets"], device, ignore_index=IGNORE, weights=weights)
-    targets = batch["targets"].to(device)
-    keep = targets != IGNORE  # (B, T)
-    if accepts(model, "logits_to_keep"):
-        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits  # (N, V)
-        picked = targets[keep]
-    else:
-        logits = model(**inputs, use_cache=False).logits[keep]
-        picked = targets[keep]
-    if weights is not None:
-        return weighted_cross_entropy_sum(logits, picked, weights.to(device)[keep])
-    return F.cross_entropy(logits.float(), picked, reduction="sum"), int(keep.sum())
-
-
-def count_trained(batches: list[dict[str, torch.Tensor]]) -> int | float:
-    """The loss's divisor: trained tokens, or their summed weight with prompt_loss_weight (batching.trained_weight)."""
-    return sum(trained_weight(b) for b in batches)
 
 
 MIN_OFFLOAD_BYTES = 1024  # smaller saved tensors stay where they are: a copy would cost more than it frees
@@ -115,15 +75,18 @@ def activation_offload(device: torch.device) -> torch.autograd.graph.saved_tenso
 
 def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.device, use_bf16: bool,
                n_tokens: int, grad_scale: float = 1.0, weights: list[float] | None = None,
-               chunked: bool = False, offload: bool = False) -> float:
+               chunked: bool = False, offload: bool = False, objective=None, metrics: dict | None = None) -> float:
     """Forward and backward every micro-batch of one optimizer step; returns the summed loss (a float).
 
     ``n_tokens`` is the trained-token count of the whole step (all micro-batches, all ranks). ``grad_scale``
     undoes the averaging DDP and FSDP do across ranks, so gradients stay a sum over the global batch / n_tokens.
     A micro-batch with weight 0 (a rank with no example left in a short last step) runs forward and backward only
     to join the other ranks' collectives: it adds nothing to the gradients nor to the returned loss. ``offload``:
-    what each forward saves for backward waits in host memory (``activation_offload``).
+    what each forward saves for backward waits in host memory (``activation_offload``). ``objective``: how a
+    micro-batch becomes a summed loss (SFT by default; ``n_tokens`` is then the step's count of its unit); its
+    summed metrics are added into ``metrics``.
     """
+    objective = objective or SFT()
     total = 0.0
     weights = weights or [1.0] * len(batches)
     sync_ctx = getattr(model, "no_sync", None)
@@ -133,9 +96,12 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], device: torch.devi
         saved = activation_offload(device) if offload else contextlib.nullcontext()
         with ctx, saved:
             with autocast(device, use_bf16), example_lengths(model, batch):  # NEFTune's per-example noise
-                loss, _ = loss_sum(model, batch, device, chunked)
+                loss, sums = objective.loss(model, batch, device, chunked)
             (loss * (weights[i] * grad_scale / n_tokens)).backward()
         total += weights[i] * float(loss.detach())
+        if metrics is not None:
+            for k, v in sums.items():
+                metrics[k] = metrics.get(k, 0.0) + weights[i] * float(v)
     return total
 
 
@@ -149,6 +115,7 @@ class StepResult:
     grad_norm: float  # before clipping
     learning_rate: float  # the rate this step's update used
     skipped: bool  # the loss or the gradient norm was not finite, so no update was made
+    metrics: dict = field(default_factory=dict)  # the objective's (preference rewards...), averaged over the step
 
 
 def step_batches(run: Run, step: ScheduledStep) -> tuple[list[dict], list[float], list[dict]]:
@@ -157,9 +124,8 @@ def step_batches(run: Run, step: ScheduledStep) -> tuple[list[dict], list[float]
     ex = run.train_ex
     filler = [min(step.examples, key=lambda i: len(ex[i]))]
     budget = run.cfg.max_tokens_per_batch
-    w = run.cfg.prompt_loss_weight
-    batches = [collate_varlen([ex[i] for i in (ids or filler)], budget, w) if budget else
-               collate([ex[i] for i in (ids or filler)], run.pad_id, run.packing, w) for ids in step.micro_batches]
+    batches = [run.objective.collate(ex, ids or filler, run.pad_id, run.packing, budget)
+               for ids in step.micro_batches]
     weights = [1.0 if ids else 0.0 for ids in step.micro_batches]
     return batches, weights, [b for b, ids in zip(batches, step.micro_batches) if ids]
 
@@ -173,11 +139,17 @@ def optimizer_step(run: Run, step: ScheduledStep) -> StepResult:
     learning-rate schedule. A non-finite loss or gradient norm skips the update (``skip_nonfinite``)."""
     info, device, cfg = run.info, run.device, run.cfg
     batches, weights, real = step_batches(run, step)
-    n_tokens = processes.all_sum(count_trained(real), info, device)  # a token count, or a weight (float)
-    n_tokens = int(n_tokens) if float(n_tokens).is_integer() else n_tokens
-    summed = run.hooks.accumulate(run.model, batches, device, run.use_bf16, n_tokens, grad_scale=info.world_size,
-                                  weights=weights, chunked=run.chunked_loss, offload=cfg.offload_activations)
-    loss = processes.all_sum(summed, info, device) / n_tokens
+    objective, sums = run.objective, {}
+    n_units = processes.all_sum(objective.count(real), info, device)  # trained tokens (or their weight), or examples
+    n_units = int(n_units) if float(n_units).is_integer() else n_units
+    if objective.preference:
+        objective.begin_step(run.model, real, device, run.use_bf16)
+    summed = run.hooks.accumulate(run.model, batches, device, run.use_bf16, n_units, grad_scale=info.world_size,
+                                  weights=weights, chunked=run.chunked_loss, offload=cfg.offload_activations,
+                                  objective=objective, metrics=sums)
+    loss = processes.all_sum(summed, info, device) / n_units
+    metrics = {k: processes.all_sum(v, info, device) / n_units for k, v in sorted(sums.items())}
+    n_tokens = int(processes.all_sum(count_trained(real), info, device)) if objective.preference else n_units
     norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
     lr = run.scheduler.get_last_lr()[0]
     finite = math.isfinite(loss) and bool(torch.isfinite(norm))
@@ -189,7 +161,7 @@ def optimizer_step(run: Run, step: ScheduledStep) -> StepResult:
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     seen = int(processes.all_sum(sum(real_tokens(b) for b in real), info, device))
-    return StepResult(loss, n_tokens, seen, float(norm), lr, skipped=not finite)
+    return StepResult(loss, n_tokens, seen, float(norm), lr, skipped=not finite, metrics=metrics)
 
 
 def skip_nonfinite(run: Run, loss: float, norm: float) -> None:

@@ -20,8 +20,12 @@ from .step import autocast, loss_sum
 
 @torch.no_grad()
 def eval_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, packing: bool,
-              device: torch.device, use_bf16: bool) -> dict[str, float]:
-    """Mean loss per trained token over ``examples`` (not a mean of batch means) and its perplexity."""
+              device: torch.device, use_bf16: bool, objective=None) -> dict[str, float]:
+    """Mean loss per trained token over ``examples`` (not a mean of batch means) and its perplexity; for a
+    preference ``objective``, its mean loss per example and metrics (``eval_rewards/accuracies``...)."""
+    if objective is not None and objective.preference:
+        return eval_preference(model, examples, objective, batch_size=batch_size, pad_id=pad_id, packing=packing,
+                               device=device, use_bf16=use_bf16)
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -96,3 +100,26 @@ def eval_answers(model, tokenizer, examples, *, n: int, prompt_format: str, max_
         answered.update(part)
     scores = answer_metrics([answered[i] for i in range(len(rows))], [ref for _, ref in rows])
     return {f"eval_{name}": scores[name] for name in METRICS} | {"eval_answered": len(rows)}
+
+
+@torch.no_grad()
+def eval_preference(model, examples, objective, *, batch_size: int, pad_id: int, packing: bool, device: torch.device,
+                    use_bf16: bool) -> dict[str, float]:
+    """A preference objective's loss and metrics over ``examples``, each a mean per example."""
+    was_training = model.training
+    model.eval()
+    total, sums = 0.0, {}
+    try:
+        for s in range(0, len(examples), batch_size):
+            ids = list(range(s, min(s + batch_size, len(examples))))
+            batch = objective.collate(examples, ids, pad_id, packing, split="eval")
+            with autocast(device, use_bf16):
+                objective.begin_step(model, [batch], device, use_bf16)
+                loss, metrics = objective.loss(model, batch, device)
+            total += float(loss)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    finally:
+        model.train(was_training)
+    n = max(len(examples), 1)
+    return {"eval_loss": total / n, **{f"eval_{k}": v / n for k, v in sorted(sums.items())}, "eval_examples": n}
