@@ -194,7 +194,7 @@ def test_tokenizer_without_pad_and_a_fully_masked_row_train(tiny_llama, tmp_path
     (["generate", "run", "--input", "a.jsonl", "--stream", "yes"], ["unknown option --stream", "--batch_size"]),
     (["generate", "run", "--input", "a.jsonl", "--output", "b.jsonl", "--batch_size", "0"],
      ["--batch_size: expects a whole number of at least 1, got '0'"]),
-    (["eval", "run"], ["give --dataset FILE and/or --mmlu FILE"]),
+    (["eval", "run"], ["give --tasks T1,T2 (lm-eval), or --dataset FILE and/or --mmlu FILE"]),
     (["compare", "a", "b", "--examples", "x"], ["--examples", "'x'"]),
 ])
 def test_bad_run_command_arguments(argv, want, capsys):

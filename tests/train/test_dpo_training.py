@@ -51,7 +51,8 @@ def test_dpo_step0_is_ln2_with_zero_rewards_and_an_emptied_pair_is_dropped(run_d
     assert first["logps/chosen"] < 0 and math.isfinite(second["loss"])
     assert second["loss"] < first["loss"] and second["rewards/margins"] > 0  # one update moved it the right way
     card = (out / "README.md").read_text()
-    assert "| method | dpo |" in card and f"| init_from | {run_dir} |" in card and "| beta | 0.1 |" in card
+    assert "| method | dpo |" in card and f"| init_from | {run_dir.name} |" in card and "| beta | 0.1 |" in card
+    assert str(run_dir) not in card  # the starting run by its folder's name: a published card shows no local path
     # A preference run is a run like any other: merge and generate take its directory.
     assert main(["merge", str(out), "--output", str(tmp_path / "merged")]) == 0
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "Which word follows alpha?"}])

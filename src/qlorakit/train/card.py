@@ -208,7 +208,8 @@ def eval_table(evals: list[dict]) -> list[str]:
     head = ["step", "epoch", "eval loss", "perplexity", *(LABELS[m] for m in answers)]
     lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in evals:
-        cells = [str(r["step"]), f"{r['epoch']:.2f}", f"{r['eval_loss']:.4f}", f"{r['eval_perplexity']:.2f}"]
+        cells = [str(r["step"]), f"{r['epoch']:.2f}", f"{r['eval_loss']:.4f}",
+                 f"{r['eval_perplexity']:.2f}" if "eval_perplexity" in r else "-"]  # a preference loss has none
         cells += [f"{r[f'eval_{m}']:.4f}" if r.get(f"eval_{m}") is not None else "" for m in answers]
         lines.append("| " + " | ".join(cells) + " |")
     if answers:
