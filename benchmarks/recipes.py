@@ -50,6 +50,7 @@ from recipe_table import aggregate, table  # noqa: E402
 
 TRAIN = BENCH / "data" / "recipes_train.jsonl"
 EVAL = BENCH / "data" / "recipes_eval.jsonl"
+PAIRS = BENCH / "data" / "recipes_pairs.jsonl"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 SEEDS_FROM = 42
@@ -78,8 +79,12 @@ ARMS = {
                   "gradient_accumulation_steps": 4, "warmup_ratio": 0, "lr_scheduler_type": "constant",
                   "max_grad_norm": 0.3, "num_train_epochs": 3},
                  "qlorakit with TRL's row's hyperparameters (qlora's): tool vs recipe"),
+    "dpo": ({"method": "dpo", "learning_rate": 1e-4, "num_train_epochs": 1},
+            "the default arm's run of the same seed, then DPO (beta 0.1, sigmoid) on recipes_pairs.jsonl: "
+            "supervised tuning, then preferences"),
     "trl": (None, "TRL SFTTrainer with qlora's hyperparameters (the reference row)"),
 }
+FOLLOWS = {"dpo": "default"}  # an arm that continues another arm's run of the same seed (init_from)
 # qlora's Guanaco-7B script (artidoro/qlora scripts/finetune_guanaco_7b.sh; the README: dropout 0.1 up to 13B):
 # r 64, alpha 16, dropout 0.1, lr 2e-4 constant after 3% warmup, batch 4 x accumulation 4, max grad norm 0.3, no
 # weight decay, 1875 steps = 30,000 examples = 3.05 epochs of OASST1's 9,846 training rows: here 3 epochs.
@@ -88,7 +93,8 @@ ARMS = {
 TRL_QLORA = {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "lr": 2e-4, "scheduler": "constant",
              "warmup_ratio": 0.03, "batch": 4, "grad_accum": 4, "max_grad_norm": 0.3, "epochs": 3.0,
              "max_length": 1024}
-LABELS = {"default": "default (no hyperparameter flags)", "trl": "TRL SFTTrainer, qlora's hyperparameters"}
+LABELS = {"default": "default (no hyperparameter flags)", "trl": "TRL SFTTrainer, qlora's hyperparameters",
+          "dpo": "default, then DPO"}
 QUICK = {"arms": "default,trl", "seeds": 1, "train_rows": 16, "eval_rows": 8, "epochs": 1.0}
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
 
@@ -188,14 +194,17 @@ def flag_list(flags: dict) -> list[str]:
     return out
 
 
-def qlorakit_command(arm: str, seed: int, data: Path, out: Path, args) -> list[str]:
+def qlorakit_command(arm: str, seed: int, files: dict, out: Path, args) -> list[str]:
     flags = dict(ARMS[arm][0])
     if args.epochs and "num_train_epochs" not in flags:
         flags["num_train_epochs"] = args.epochs
     if args.steps:
         flags["max_steps"] = args.steps
-    base = {"model_name_or_path": args.model, "dataset": str(data), "dataset_format": "airoboros", "seed": seed,
-            "output_dir": str(out), "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1}
+    base = {"model_name_or_path": args.model, "dataset": str(files["train"]), "dataset_format": "airoboros",
+            "seed": seed, "output_dir": str(out), "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1}
+    if arm in FOLLOWS:  # the base model, rank and prompt format come from the run it continues; the data are pairs
+        base = {k: v for k, v in base.items() if k not in ("model_name_or_path", "dataset_format")}
+        base |= {"dataset": str(files["pairs"]), "init_from": str(adapter_dir(args, FOLLOWS[arm], seed))}
     return [sys.executable, "-m", "qlorakit", "train"] + flag_list(base) + flag_list(flags)
 
 
@@ -218,6 +227,10 @@ def eval_command(model_dir: str, adapter: Path, eval_file: Path, out: Path, args
 # One run: train, evaluate, score
 
 
+def adapter_dir(args, arm: str, seed: int) -> Path:
+    return Path(args.runs_dir) / f"{arm}-s{seed}" / "adapter"
+
+
 def train_one(arm: str, seed: int, run_dir: Path, model_dir: str, files: dict, args) -> dict:
     """Train one arm x seed; the training numbers, or ``status: failed`` with the reason."""
     adapter = run_dir / "adapter"
@@ -228,7 +241,11 @@ def train_one(arm: str, seed: int, run_dir: Path, model_dir: str, files: dict, a
         report = run_dir / "trl_report.json"
         child = run_child(trl_command(model_dir, files["trl"], adapter, report, seed, args), run_dir / "train.log")
     else:
-        child = run_child(qlorakit_command(arm, seed, files["train"], adapter, args), run_dir / "train.log")
+        start = adapter_dir(args, FOLLOWS[arm], seed) if arm in FOLLOWS else None
+        if start and not (start / "adapter_model.safetensors").is_file():
+            return {"arm": arm, "seed": seed, "status": "failed", "reason": f"{arm} continues the {FOLLOWS[arm]} "
+                    f"arm's run of seed {seed}, and {start} holds no adapter: run --arms {FOLLOWS[arm]},{arm}"}
+        child = run_child(qlorakit_command(arm, seed, files, adapter, args), run_dir / "train.log")
     out = {"arm": arm, "seed": seed, "train_wall_seconds": child["wall_seconds"], "peak_rss_mib": child["peak_rss_mib"],
            "train_log": child["log"], "load_average": [load_before, os.getloadavg()[0]]}
     if child["rc"] != 0:
@@ -257,7 +274,8 @@ def evaluate_one(result: dict, run_dir: Path, model_dir: str, files: dict, eval_
         for row, reply in zip(eval_rows, replies):
             f.write(json.dumps({"instruction": row["instruction"], "reference": row["response"],
                                 "reply": reply}, ensure_ascii=False) + "\n")
-    if not args.keep_adapters:
+    followed = any(FOLLOWS.get(a) == result["arm"] for a in args.arm_list)  # a later arm starts from it
+    if not (args.keep_adapters or followed):
         for p in Path(result["adapter"]).glob("*.safetensors"):
             p.unlink()
     return result | {"eval_loss": rep["eval_loss"], "metrics": score_rows(eval_rows, replies)}
@@ -287,7 +305,10 @@ def prepare_data(model_dir: str, args) -> tuple[dict, list[dict], dict]:
     data_dir = Path(args.runs_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     train_rows, eval_rows = read_rows(TRAIN, args.train_rows), read_rows(EVAL, args.eval_rows)
-    files = {"train": data_dir / "train.jsonl", "eval": data_dir / "eval.jsonl", "trl": data_dir / "trl.jsonl"}
+    files = {"train": data_dir / "train.jsonl", "eval": data_dir / "eval.jsonl", "trl": data_dir / "trl.jsonl",
+             "pairs": data_dir / "pairs.jsonl"}
+    prompts = {r["instruction"] for r in train_rows}  # the pairs of the training rows taken
+    write_rows(files["pairs"], (p for p in read_rows(PAIRS, 0) if p["prompt"] in prompts))
     write_rows(files["train"], train_rows)
     write_rows(files["eval"], eval_rows)
     tokenizer = load_tokenizer(model_dir)

@@ -10,6 +10,11 @@ Files written (paths relative to the output root):
 * ``benchmarks/data/recipes_train.jsonl``  100 rows: 80 closed-context questions and 20 plain instructions.
 * ``benchmarks/data/recipes_eval.jsonl``   40 held-out rows: 35 closed-context questions and 5 plain instructions,
   about entities (names, urls, answers) that never occur in the training file.
+* ``benchmarks/data/recipes_pairs.jsonl``  80 preference pairs (``prompt``/``chosen``/``rejected``), one per
+  closed-context training row: chosen is that row's reference reply; rejected is the mistake a supervised model
+  makes on it (``rejected_reply``): on an unanswerable question an invented answer citing the asked entity's
+  passage (a distractor's value where there is a distractor, else a made-up one); on an answerable one a
+  distractor's value, the distractor's url, the source url with one character wrong, or a made-up value.
 
 A closed-context row is airoboros 1.4's layout (``instruction``/``response``/``category``): one to three
 BEGININPUT passages, each with its own ``url`` (and ``date``) in BEGINCONTEXT, then one question and "Cite your
@@ -48,8 +53,10 @@ import make_sample_data as S  # noqa: E402  (the sibling script: entity makers, 
 
 TRAIN_FILE = "benchmarks/data/recipes_train.jsonl"
 EVAL_FILE = "benchmarks/data/recipes_eval.jsonl"
+PAIRS_FILE = "benchmarks/data/recipes_pairs.jsonl"
 SEEDS = {"train": 1818, "eval": 8181}
 ABSTAIN = "The text does not say."
+REJECTED = "_rejected"  # the rejected reply a closed row carries until build_all splits it off into the pairs file
 COUNTS = {"train": (80, 20), "eval": (35, 5)}  # (closed-context rows, plain instruction rows)
 UNANSWERABLE_EVERY = 5  # every fifth closed-context row cannot be answered from its passages
 WORDS = (10, 18)  # words per passage before its last sentence: three-passage rows stay near 300 tokens
@@ -114,6 +121,7 @@ def closed_row(r: random.Random, nm: S.Names, domains: list[str], n_passages: in
             continue
         distractor_answers.append(value)
         docs.append(passage(r, nm, domains, other, [other.facts[k]], set(), used))
+    wrong = rejected_reply(asked, docs[0], list(zip(docs[1:], distractor_answers)), answerable)
     order = list(range(n_passages))
     r.shuffle(order)
     docs = [docs[i] for i in order]
@@ -130,7 +138,46 @@ def closed_row(r: random.Random, nm: S.Names, domains: list[str], n_passages: in
         response, answer, source = ABSTAIN, None, None
     return {"instruction": instruction, "response": response, "category": "contextual", "answer": answer,
             "source": source, "answerable": answerable, "passages": n_passages, "distractors": n_passages - 1,
-            "distractor_answers": distractor_answers}
+            "distractor_answers": distractor_answers, REJECTED: wrong}
+
+
+def reply(sentence: str, doc: S.Doc, url: str = "") -> str:
+    return f"{sentence}\n\nReference(s):\nurl: {url or doc.url}\ndate: {doc.date}"
+
+
+def one_char_off(rr: random.Random, url: str) -> str:
+    """``url`` with one letter of its last path part changed: the near-miss copy seen in supervised replies."""
+    i = rr.choice([j for j in range(url.rindex("/") + 1, len(url)) if url[j].isalpha()])
+    return url[:i] + rr.choice([c for c in "aeiourstln" if c != url[i]]) + url[i + 1:]
+
+
+def made_up(rr: random.Random, answer: str) -> str | None:
+    """``answer`` with one digit changed (a value no passage states), or None where it has no digit."""
+    digits = [j for j, c in enumerate(answer) if c.isdigit()]
+    if not digits:
+        return None
+    i = rr.choice(digits)
+    return answer[:i] + rr.choice([d for d in "123456789" if d != answer[i]]) + answer[i + 1:]
+
+
+def rejected_reply(asked: S.Fact, target: S.Doc, distractors: list[tuple[S.Doc, str]], answerable: bool) -> str:
+    """The wrong reply of a pair: the mistakes the recipes' scorer counts. Its own rng, seeded by the question and
+    the target passage, so the supervised files do not change with it."""
+    rr = random.Random(asked.question + target.url)
+    if not answerable:  # invent the value the passage does not give: a distractor's, else a made-up one
+        value = distractors[0][1] if distractors else (made_up(rr, asked.answer) or asked.answer)
+        return reply(asked.answer_sentence.replace(asked.answer, value), target)
+    choices = ["url"] + (["value"] if made_up(rr, asked.answer) else [])
+    if distractors:
+        choices += ["distractor_value", "distractor_url"]
+    kind = rr.choice(choices)
+    if kind == "distractor_value":
+        return reply(asked.answer_sentence.replace(asked.answer, distractors[0][1]), target)
+    if kind == "distractor_url":
+        return reply(asked.answer_sentence, target, distractors[0][0].url)
+    if kind == "value":
+        return reply(asked.answer_sentence.replace(asked.answer, made_up(rr, asked.answer)), target)
+    return reply(asked.answer_sentence, target, one_char_off(rr, target.url))
 
 
 def plain_row(r: random.Random, seen: set[str]) -> dict:
@@ -179,17 +226,22 @@ def spread_kinds(rows: list[dict]) -> list[dict]:
 
 
 def build_all() -> dict:
-    """``{relative path: rows}`` for both files, plus the held-out names; asserts the held-out set is disjoint."""
-    train, _ = build("train")
+    """``{relative path: rows}`` for the three files, plus the held-out names; asserts the held-out set is
+    disjoint."""
+    with_rejected, _ = build("train")
+    train = [{k: v for k, v in x.items() if k != REJECTED} for x in with_rejected]
     train_text = "\n".join(json.dumps(x, ensure_ascii=False) for x in train)
     held, names = build("eval", forbidden=train_text, seen={x["instruction"] for x in train})
+    held = [{k: v for k, v in x.items() if k != REJECTED} for x in held]
     low = train_text.lower()
     assert not [n for n in names.used if n.lower() in low], "a held-out name occurs in the training file"
     assert not any(d in train_text for d in S.HELDOUT_DOMAINS)
     for row in held:
         if row["answerable"]:
             assert row["answer"] not in train_text and row["source"] not in train_text, row
-    return {"files": {TRAIN_FILE: train, EVAL_FILE: held}, "heldout_names": sorted(names.used)}
+    pairs = [{"prompt": x["instruction"], "chosen": x["response"], "rejected": x[REJECTED]}
+             for x in with_rejected if x["answerable"] is not None]
+    return {"files": {TRAIN_FILE: train, EVAL_FILE: held, PAIRS_FILE: pairs}, "heldout_names": sorted(names.used)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -154,15 +154,30 @@ def args_for(**kw):
 
 
 def test_an_arm_names_only_what_it_changes():
-    cmd = recipes.qlorakit_command("default", 43, Path("t.jsonl"), Path("o"), args_for())
+    cmd = recipes.qlorakit_command("default", 43, FILES, Path("o"), args_for())
     flags = dict(zip(cmd[4::2], cmd[5::2]))
     assert cmd[1:4] == ["-m", "qlorakit", "train"] and flags["--seed"] == "43"
     hyper = {"--learning_rate", "--lora_r", "--lora_alpha", "--num_train_epochs", "--lora_dropout", "--max_steps"}
     assert not hyper & set(flags), "the default arm must run qlorakit's defaults"
-    ep = dict(zip(*[iter(recipes.qlorakit_command("epochs1", 42, Path("t"), Path("o"), args_for(epochs=2))[4:])] * 2))
+    ep = dict(zip(*[iter(recipes.qlorakit_command("epochs1", 42, FILES, Path("o"), args_for(epochs=2))[4:])] * 2))
     assert ep["--num_train_epochs"] == "1"  # the arm's own epoch count wins over --epochs
-    other = dict(zip(*[iter(recipes.qlorakit_command("dora", 42, Path("t"), Path("o"), args_for(epochs=2))[4:])] * 2))
+    other = dict(zip(*[iter(recipes.qlorakit_command("dora", 42, FILES, Path("o"), args_for(epochs=2))[4:])] * 2))
     assert other["--num_train_epochs"] == "2" and other["--use_dora"] == "true"
+
+
+FILES = {"train": Path("t.jsonl"), "pairs": Path("p.jsonl")}
+
+
+def test_the_dpo_arm_continues_the_default_arms_run_of_its_seed_on_the_pairs(tmp_path):
+    args = args_for(runs_dir=str(tmp_path), arm_list=["default", "dpo"], keep_adapters=False)
+    cmd = recipes.qlorakit_command("dpo", 44, FILES, Path("o"), args)
+    flags = dict(zip(cmd[4::2], cmd[5::2]))
+    assert flags["--method"] == "dpo" and flags["--dataset"] == "p.jsonl" and flags["--seed"] == "44"
+    assert flags["--init_from"] == str(tmp_path / "default-s44" / "adapter")
+    assert "--dataset_format" not in flags and "--model_name_or_path" not in flags  # inherited from init_from
+    # without the default arm's adapter of that seed it fails with the reason, before starting a process
+    out = recipes.train_one("dpo", 44, tmp_path / "dpo-s44", "/m", FILES, args)
+    assert out["status"] == "failed" and "run --arms default,dpo" in out["reason"]
 
 
 def test_trl_row_runs_qloras_hyperparameters():

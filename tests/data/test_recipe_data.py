@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "make_recipe_data.py"
 TRAIN = "benchmarks/data/recipes_train.jsonl"
 EVAL = "benchmarks/data/recipes_eval.jsonl"
+PAIRS = "benchmarks/data/recipes_pairs.jsonl"
 ABSTAIN = "The text does not say."
 BLOCK_RE = re.compile(r"BEGININPUT\nBEGINCONTEXT\n((?:[a-z]+: [^\n]+\n)+)ENDCONTEXT\n(.+?)\nENDINPUT\n", re.S)
 CLOSED_RE = re.compile(r"\A(?:BEGININPUT\nBEGINCONTEXT\n(?:[a-z]+: [^\n]+\n)+ENDCONTEXT\n.+?\nENDINPUT\n){1,3}"
@@ -45,7 +46,7 @@ def script_module():
 def test_regenerating_reproduces_the_files(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "--out-root", str(tmp_path)], check=True, cwd=ROOT,
                    capture_output=True)
-    for rel in (TRAIN, EVAL):
+    for rel in (TRAIN, EVAL, PAIRS):
         assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), f"{rel} differs from a fresh run"
 
 
@@ -131,3 +132,26 @@ def test_every_prefix_holds_each_kind_in_its_share(rel):
     for n in range(8, len(rows) + 1):
         for k, s in share.items():
             assert abs(sum(r["answerable"] is k for r in rows[:n]) - s * n) <= 1, (n, k)
+
+
+def test_each_pair_is_its_training_row_against_a_mistake_the_scorer_counts():
+    """The preference pairs (SFT, then DPO: README): one per closed-context training row, chosen = that row's
+    reference reply (the scorer's exact match 1), rejected = a reply the same scorer fails: an invented answer to an
+    unanswerable question, or a wrong value or url (a distractor's, one character off, or made up)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from recipe_score import score_rows
+
+    rows = {r["instruction"]: r for r in load(TRAIN) if r["answerable"] is not None}
+    pairs = load(PAIRS)
+    assert [p["prompt"] for p in pairs] == list(rows) and all(set(p) == {"prompt", "chosen", "rejected"}
+                                                              for p in pairs)
+    asked = [rows[p["prompt"]] for p in pairs]
+    assert [p["chosen"] for p in pairs] == [r["response"] for r in asked]
+    assert score_rows(asked, [p["chosen"] for p in pairs])["exact_match"] == 1.0
+    for row, pair in zip(asked, pairs):
+        wrong = score_rows([row], [pair["rejected"]])
+        assert wrong["exact_match"] == 0.0, pair
+        if row["answerable"] is False:
+            assert wrong["invented_answer"] == 1.0 and REFERENCE_RE.search(pair["rejected"]), pair
+        else:  # the same answer sentence with exactly one thing wrong: the value or the cited url
+            assert (wrong["answer_match"], wrong["citation_match"]) in ((0.0, 1.0), (1.0, 0.0)), pair
