@@ -17,7 +17,8 @@ import re
 import string
 
 METRICS = ("exact_match", "token_f1", "rouge_l")  # the names, as config and metrics rows (eval_<name>) use them
-LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L"}
+LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L",
+          "rewards/accuracies": "reward accuracy"}  # the last: a preference eval's, which metric_for_best_model names
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
