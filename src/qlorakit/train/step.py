@@ -143,7 +143,7 @@ def optimizer_step(run: Run, step: ScheduledStep) -> StepResult:
     n_units = processes.all_sum(objective.count(real), info, device)  # trained tokens (or their weight), or examples
     n_units = int(n_units) if float(n_units).is_integer() else n_units
     if objective.preference:
-        objective.begin_step(run.model, real, device, run.use_bf16)
+        objective.begin_step(run.model, batches, device, run.use_bf16, weights, info)  # every rank: a collective
     summed = run.hooks.accumulate(run.model, batches, device, run.use_bf16, n_units, grad_scale=info.world_size,
                                   weights=weights, chunked=run.chunked_loss, offload=cfg.offload_activations,
                                   objective=objective, metrics=sums)
