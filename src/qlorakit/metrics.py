@@ -60,6 +60,12 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
+def contains(prediction: str, reference: str) -> float:
+    """1 when the normalized reference appears in the normalized prediction: what a sentence-long reply is judged
+    by (``qlorakit eval --dataset``, the qlorakit_closed_context lm-eval task); not one of METRICS."""
+    return float(normalize_answer(reference) in normalize_answer(prediction))
+
+
 def answer_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
     """The mean of each metric over the pairs: {"exact_match": ..., "token_f1": ..., "rouge_l": ...}."""
     if len(predictions) != len(references):
