@@ -35,15 +35,10 @@ def child(variant: str, steps: int, cache: str, model: str) -> dict:
     """One run of ``variant`` in this process: its step times, setup time and peak RSS."""
     from qlorakit.config import build_config
     from qlorakit.train.loop import Hooks, train
-    from qlorakit.train.step import accumulate
+    from _step_timer import timed_accumulate
 
     seconds: list[float] = []
-
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        out = accumulate(*a, **k)
-        seconds.append(time.perf_counter() - t0)
-        return out
+    timed = timed_accumulate(seconds)
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:

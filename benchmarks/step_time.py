@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data" / "closed_context_64.jsonl"
@@ -30,15 +29,10 @@ def main(argv=None) -> int:
 
     from qlorakit.config import build_config
     from qlorakit.train.loop import Hooks, train
-    from qlorakit.train.step import accumulate
+    from _step_timer import timed_accumulate
 
     seconds: list[float] = []
-
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        out = accumulate(*a, **k)
-        seconds.append(time.perf_counter() - t0)
-        return out
+    timed = timed_accumulate(seconds)
 
     with tempfile.TemporaryDirectory() as out:
         cfg = build_config([

@@ -35,6 +35,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 TRAIN_FILE = "src/qlorakit/resources/sample_airoboros.jsonl"
 HELDOUT_FILE = "src/qlorakit/resources/heldout_closed_context.jsonl"
@@ -462,14 +463,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_main(build: Callable[[], dict], description: str, argv: list[str] | None = None) -> None:
+    """A data script's command line (this one's, make_recipe_data.py's): ``--out-root``, then every file of
+    ``build()["files"]`` (relative path -> rows) written under it as JSONL, a line each."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out-root", default=str(Path(__file__).resolve().parents[1]),
                     help="directory the relative output paths are written under (default: the repository root)")
     args = ap.parse_args(argv)
-    for rel, rows in build_all()["files"].items():
+    for rel, rows in build()["files"].items():
         write_jsonl(Path(args.out_root) / rel, rows)
         print(f"{rel}: {len(rows)} rows")
+
+
+def main(argv: list[str] | None = None) -> None:
+    write_main(build_all, __doc__.splitlines()[0], argv)
 
 
 

@@ -74,8 +74,9 @@ class QloraKeys:
                            "a qlora checkout.")
     mmlu_split: str = _key("eval", "With mmlu-fs or mmlu-zs: the validation (eval) or test file.", ("eval", "test"))
     greater_is_better: str = _key("auto", "The Trainer's direction of metric_for_best_model: auto = the one the "
-                                  "metric implies (eval_loss: lower is better; exact_match, token_f1, rouge_l: "
-                                  "higher); true or false must agree with it.", ("auto", "true", "false"))
+                                  "metric implies (eval_loss: lower is better; exact_match, token_f1, rouge_l, "
+                                  "rewards/accuracies: higher); true or false must agree with it.",
+                                  ("auto", "true", "false"))
     max_mmlu_samples: int = _key(0, "Score the first N MMLU questions only; 0 = all.")
     mmlu_source_max_len: int = _key(2048, "Longest MMLU prompt in tokens; a longer one keeps its end (the question).")
 
@@ -153,6 +154,9 @@ VALUE_ALIASES: dict[tuple[str, str], tuple[dict, str]] = {
     ("dataset_format", "alpaca-clean"): ({"dataset_format": "alpaca"}, "--dataset_format alpaca"),
     ("metric_for_best_model", "loss"): ({"metric_for_best_model": "eval_loss"}, "--metric_for_best_model eval_loss "
                                         "(the Trainer adds the eval_ prefix)"),
+    ("metric_for_best_model", "eval_rewards/accuracies"): ({"metric_for_best_model": "rewards/accuracies"},
+                                                          "--metric_for_best_model rewards/accuracies (TRL's "
+                                                          "name with the Trainer's eval_ prefix)"),
     ("lr_scheduler_type", "constant_with_warmup"): ({"lr_scheduler_type": "constant"},
                                                     "--lr_scheduler_type constant (qlorakit's warms up over "
                                                     "warmup_ratio)"),

@@ -167,8 +167,9 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                                   "scored as cut); 128 holds a closed-context answer with its cited source.")
     metric_for_best_model: str = _f("eval_loss", "What makes an evaluation the best (load_best_model_at_end, the "
                                     "checkpoint save_total_limit keeps, early_stopping_patience): eval_loss (lower "
-                                    "is better), or an answer metric, higher is better (needs eval_generate).",
-                                    ("eval_loss", "exact_match", "token_f1", "rouge_l"))
+                                    "is better); higher is better: an answer metric (sft, needs eval_generate) or "
+                                    "rewards/accuracies, the eval's reward accuracy (dpo, orpo, simpo).",
+                                    ("eval_loss", "exact_match", "token_f1", "rouge_l", "rewards/accuracies"))
     early_stopping_patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.")
     save_strategy: str = _f("epoch", "When to write checkpoint-STEP/ folders.", ("no", "steps", "epoch"))
     save_steps: int = _f(100, "Save every N steps when save_strategy is 'steps'.")

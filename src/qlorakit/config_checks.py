@@ -7,6 +7,7 @@ are in config.py.
 
 from __future__ import annotations
 
+ANSWER_METRICS = ("exact_match", "token_f1", "rouge_l")  # metric_for_best_model's (metrics.METRICS, one layer up)
 DATA_PAIRS = (("dataset", "datasets"), ("eval_dataset", "eval_datasets"))  # one string or a YAML list: not both
 
 
@@ -56,7 +57,8 @@ def value_problems(cfg) -> list[str]:
     if cfg.eval_generate < 0 or cfg.eval_max_new_tokens < 1:
         problems.append(f"eval_generate, eval_max_new_tokens: must be >= 0 and >= 1, got {cfg.eval_generate} and "
                         f"{cfg.eval_max_new_tokens}")
-    if cfg.metric_for_best_model != "eval_loss" and (not cfg.eval_generate or cfg.train_on_source):
+    if cfg.metric_for_best_model in ANSWER_METRICS and cfg.method == "sft" and (not cfg.eval_generate or
+                                                                                  cfg.train_on_source):
         problems.append(f"metric_for_best_model: {cfg.metric_for_best_model} scores generated answers; set "
                         "eval_generate above 0 (and train_on_source false, which leaves no prompt to answer)")
     return problems + lever_problems(cfg)

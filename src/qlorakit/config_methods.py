@@ -4,6 +4,7 @@ method ignores is not set (config.py's validate calls it with the config's defau
 from __future__ import annotations
 
 METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
+PAIR_METHODS = ("dpo", "orpo", "simpo")  # their eval holds a reward accuracy (eval_rewards/accuracies); kto's not
 # The keys each preference method reads (beyond the shared ones); a key set away from its default while the method
 # ignores it is an error (validate_method).
 METHOD_KEYS = {"sft": (), "dpo": ("loss_type", "beta", "label_smoothing", "reference", "precompute_reference"),
@@ -34,7 +35,24 @@ def validate_method(cfg, defaults: dict) -> list[str]:
             problems.append(f"{key}: must be >= 0, got {getattr(cfg, key)}")
     if cfg.method != "sft" and cfg.train_on_source:
         problems.append(f"train_on_source: method {cfg.method} scores completions only; remove it")
-    return problems
+    return problems + best_metric_problems(cfg)
+
+
+def best_metric_problems(cfg) -> list[str]:
+    """metric_for_best_model against the method: the answer metrics score sft's generated answers (eval_generate),
+    rewards/accuracies is a pair method's eval; each mistake one line naming the metric and the method's choices."""
+    metric, method = cfg.metric_for_best_model, cfg.method
+    if metric == "eval_loss" or (metric == "rewards/accuracies" and method in PAIR_METHODS):
+        return []
+    choices = ("eval_loss, exact_match, token_f1 or rouge_l" if method == "sft" else
+               "eval_loss or rewards/accuracies" if method in PAIR_METHODS else "eval_loss")
+    if metric == "rewards/accuracies":
+        return [f"metric_for_best_model: rewards/accuracies is the reward accuracy of a dpo, orpo or simpo eval; "
+                f"method {method} has none: choose {choices}"]
+    if method != "sft":  # an answer metric
+        return [f"metric_for_best_model: {metric} scores generated answers, which only method sft makes "
+                f"(eval_generate); for method {method} choose {choices}"]
+    return []  # sft's answer metric: config_checks asks for eval_generate
 
 
 def method_beta(cfg) -> float:

@@ -17,7 +17,8 @@ import re
 import string
 
 METRICS = ("exact_match", "token_f1", "rouge_l")  # the names, as config and metrics rows (eval_<name>) use them
-LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L"}
+LABELS = {"exact_match": "exact match", "token_f1": "token F1", "rouge_l": "ROUGE-L",
+          "rewards/accuracies": "reward accuracy"}  # the last: a preference eval's, which metric_for_best_model names
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -57,6 +58,12 @@ def rouge_l(prediction: str, reference: str) -> float:
     if not normalize_answer(prediction) and not normalize_answer(reference):
         return 1.0
     return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+def contains(prediction: str, reference: str) -> float:
+    """1 when the normalized reference appears in the normalized prediction: what a sentence-long reply is judged
+    by (``qlorakit eval --dataset``, the qlorakit_closed_context lm-eval task); not one of METRICS."""
+    return float(normalize_answer(reference) in normalize_answer(prediction))
 
 
 def answer_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:

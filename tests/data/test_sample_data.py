@@ -173,3 +173,12 @@ def test_token_lengths_with_smollm2_tokenizer():
     spread = sorted(content(r) for r in load(SPREAD))
     assert spread[0] <= 30 and spread[-1] >= 1200
     assert statistics.median(spread) > 100
+
+
+def test_write_main_is_the_data_scripts_command_line(tmp_path, capsys):
+    """make_sample_data.write_main: --out-root and every built file written as JSONL (make_recipe_data.py's main is
+    the same command line over its own build_all)."""
+    mod = script_module()
+    mod.write_main(lambda: {"files": {"a/b.jsonl": [{"x": 1}, {"y": "é"}]}}, "test data", ["--out-root", str(tmp_path)])
+    assert (tmp_path / "a" / "b.jsonl").read_text(encoding="utf-8") == '{"x": 1}\n{"y": "é"}\n'
+    assert capsys.readouterr().out == "a/b.jsonl: 2 rows\n"

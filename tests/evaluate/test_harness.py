@@ -140,7 +140,9 @@ def test_the_shipped_tasks_are_the_packaged_files():
 
 
 def test_closed_context_scores_as_eval_dataset_does():
-    """The task's exact_match / contains are answer_scores' (qlorakit eval --dataset), reply by reply."""
+    """The task scores a reply as answer_scores (qlorakit eval --dataset) and training's evaluation do, by
+    qlorakit.metrics: SQuAD's normalization (articles and punctuation dropped: a case the task's old copy, which
+    only folded case and spaces, scored 0), token F1 and ROUGE-L as well."""
     import importlib.util
 
     from qlorakit.evaluate.command import answer_scores
@@ -150,10 +152,16 @@ def test_closed_context_scores_as_eval_dataset_does():
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
     for reply, ref in [("The answer is 42.", "42"), ("42.", "42"), ("no", "yes"), (" PARIS ", "paris"),
-                       ("Rutheth  Welira", "Rutheth Welira")]:
-        expected = answer_scores([reply], [ref])
-        assert utils.closed_context_scores({"answer": ref}, [reply]) == {k: expected[k] for k in ("exact_match",
-                                                                                                    "contains")}
+                       ("Rutheth  Welira", "Rutheth Welira"), ("The Nile", "Nile"), ("Nile, the river", "the Nile")]:
+        assert utils.closed_context_scores({"answer": ref}, [reply]) == answer_scores([reply], [ref]), (reply, ref)
+    assert utils.closed_context_scores({"answer": "Nile"}, ["The Nile"])["exact_match"] == 1.0
+    got = utils.closed_context_scores({"answer": "the Nile"}, ["Nile, the river"])
+    assert got["exact_match"] == 0.0 and got["contains"] == 1.0 and 0 < got["token_f1"] < 1 and 0 < got["rouge_l"] < 1
+    import yaml
+
+    listed = [m["metric"] for m in yaml.safe_load(
+        (LM_EVAL_TASKS / "qlorakit_closed_context.yaml").read_text().replace("!function", ""))["metric_list"]]
+    assert listed == ["exact_match", "token_f1", "rouge_l", "contains"]  # lm-eval aggregates what the scorer gives
 
 
 def test_mistakes_are_one_line(run_dir, tmp_path, capsys, monkeypatch):

@@ -10,11 +10,12 @@ import torch
 
 from helpers import airoboros_rows, write_jsonl
 from qlorakit.config import build_config
-from qlorakit.data.batching import epoch_order
+from qlorakit.data.batching import collate, epoch_order
 from qlorakit.data.tokenize import IGNORE
 from qlorakit.train.checkpoint import TrainState
 from qlorakit.train.schedule import (epoch_steps, shard_step, should_evaluate, should_evaluate_at_end, should_log,
                                      should_save, steps_per_epoch, total_steps)
+from qlorakit.train.objectives.sft import SFT, loss_sum
 from qlorakit.train.step import TrainingStopped, accumulate, optimizer_step
 
 
@@ -114,6 +115,7 @@ def adapter(run) -> dict:
 
 
 def test_optimizer_step_returns_what_it_did_and_skips_a_nonfinite_update(tiny_llama, tmp_path):
+    from qlorakit.train.fit import step_parts
     from qlorakit.train.setup import setup
 
     data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(6))
@@ -123,7 +125,7 @@ def test_optimizer_step_returns_what_it_did_and_skips_a_nonfinite_update(tiny_ll
                               "--max_nonfinite_steps", "2"]), progress=False)
     first, second = run.epoch_steps(0)[:2]
     before = adapter(run)
-    result = optimizer_step(run, first)
+    result = optimizer_step(step_parts(run), first)
     examples = [run.train_ex[i] for i in first.examples]
     assert result.trained_tokens == sum(t != IGNORE for e in examples for t in e.labels[1:])
     assert result.tokens_seen == sum(len(e) for e in examples)  # packed: no padding to leave out
@@ -133,9 +135,45 @@ def test_optimizer_step_returns_what_it_did_and_skips_a_nonfinite_update(tiny_ll
 
     run.hooks.accumulate = lambda *a, **kw: accumulate(*a, **kw) * float("nan")  # a NaN loss, real gradients
     before = adapter(run)
-    result = optimizer_step(run, second)
+    result = optimizer_step(step_parts(run), second)
     assert result.skipped and math.isnan(result.loss)
     assert all(torch.equal(before[k], v) for k, v in adapter(run).items())  # no update
     assert (run.state.nonfinite_in_a_row, run.state.skipped_steps) == (1, 1)
     with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite loss"):
-        optimizer_step(run, second)
+        optimizer_step(step_parts(run), second)
+
+
+def test_optimizer_step_needs_only_its_parts(tiny_llama, tmp_path):
+    """No Run, no config: a LoRA model, SGD and a list of examples are a step. Its update is the plain SGD one
+    (lr times the gradient of the token-mean loss), and the non-finite stop names the newest checkpoint in
+    ``checkpoints`` (where working_dir puts them, not necessarily the run directory)."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import lora_model, random_examples
+    from qlorakit.train.processes import DistInfo
+    from qlorakit.train.schedule import ScheduledStep
+    from qlorakit.train.step import StepParts
+
+    model = lora_model(AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32), 0.0, False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    examples, said = random_examples([5, 9, 7]), []
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    parts = StepParts(model, params, optimizer, scheduler, SFT(), examples, 0, True, torch.device("cpu"), False,
+                      DistInfo(), TrainState(), max_nonfinite_steps=1, checkpoints=tmp_path, say=said.append)
+    step = ScheduledStep([0, 1, 2], [[0, 1], [2]])
+    before = {id(p): p.detach().clone() for p in params}
+    model.zero_grad()
+    loss_sum(model, collate([examples[i] for i in range(3)], 0, True), torch.device("cpu"))[0].div(
+        sum(len(e) - 1 for e in examples)).backward()
+    want = {id(p): before[id(p)] - 0.1 * p.grad for p in params}
+    model.zero_grad()
+    result = optimizer_step(parts, step)
+    assert result.trained_tokens == sum(len(e) - 1 for e in examples) and not result.skipped
+    assert all(torch.allclose(p.detach(), want[id(p)], atol=1e-6) for p in params)
+    parts.accumulate = lambda *a, **kw: float("nan")
+    with pytest.raises(TrainingStopped, match=r"the last good checkpoint is .*checkpoint-3"):
+        optimizer_step(parts, step)
+    assert said and "non-finite loss nan" in said[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..metrics import answer_metrics, normalize_answer
+from ..metrics import answer_metrics, contains
 from ..train.step import supports_packing
 from ..train.validate import eval_loss
 
@@ -21,8 +21,7 @@ def answer_scores(replies: list[str], references: list[str]) -> dict[str, float]
     """The answer metrics of training's evaluation (metrics.py: exact_match, token_f1, rouge_l) and 'contains' (the
     normalized reference appears in the normalized reply), each a mean over the rows."""
     n = max(len(references), 1)
-    contains = sum(normalize_answer(ref) in normalize_answer(r) for r, ref in zip(replies, references))
-    return answer_metrics(replies, references) | {"contains": contains / n}
+    return answer_metrics(replies, references) | {"contains": sum(map(contains, replies, references)) / n}
 
 
 def read_mmlu(path: Path) -> list[dict]:
@@ -82,8 +81,8 @@ With --tasks: EleutherAI's lm-evaluation-harness (pip install 'qlorakit[eval]') 
 precision: lm-eval's task names, groups, tags and patterns (mmlu, hellaswag, mmlu_*), paths of task YAML files in
 lm-eval's format, and qlorakit's offline tasks, which need no download: qlorakit (both of these),
 qlorakit_mmlu_sample (45 multiple-choice questions in MMLU's layout; acc) and qlorakit_closed_context (40
-closed-context questions in the airoboros format; exact_match and contains of greedy replies). Hub datasets are read
-from the local datasets cache only (offline). --compare adds the base (the same weights with the adapter off) and
+closed-context questions in the airoboros format; greedy replies scored as --dataset scores them). Hub datasets are
+read from the local datasets cache only (offline). --compare adds the base (the same weights with the adapter off) and
 any runs named after it, scored on the same prompts. Prompts are lm-eval's, with no chat template, unless
 --apply_chat_template: then every model, the base too, sees them in RUN_DIR's prompt format. The table has one row
 per task and metric (value ± standard error); RUN_DIR/lm_eval_results.json and a section of RUN_DIR/README.md (the

@@ -17,7 +17,7 @@ from .distributed import adapter_state, is_fsdp, optimizer_state
 from .mmlu import mmlu_scores
 from .schedule import should_evaluate, should_evaluate_at_end, should_log, should_save
 from .setup import Run
-from .step import StepResult, TrainingStopped, optimizer_step
+from .step import StepParts, StepResult, TrainingStopped, optimizer_step
 from .validate import improved, metric_key
 
 log = logging.getLogger("qlorakit")
@@ -84,7 +84,7 @@ def fit(run: Run) -> FitOutcome:
         while state.step < run.total_steps and outcome.stopped == "finished":
             steps = run.epoch_steps(state.epoch)
             for scheduled in steps[state.step_in_epoch:]:
-                result = optimizer_step(run, scheduled)
+                result = optimizer_step(step_parts(run), scheduled)
                 state.advance(len(steps))
                 outcome.last_loss = result.loss
                 log_step(run, result, meter)
@@ -98,6 +98,16 @@ def fit(run: Run) -> FitOutcome:
         if should_evaluate_at_end(run.cfg, state.step, last_eval) and evaluate(run):
             outcome.stopped = "early_stopping"
     return outcome
+
+
+def step_parts(run: Run) -> StepParts:
+    """What ``step.optimizer_step`` needs of the run, built at each step (a test may swap ``run.hooks.accumulate``)."""
+    cfg = run.cfg
+    return StepParts(run.model, run.params, run.optimizer, run.scheduler, run.objective, run.train_ex, run.pad_id,
+                     run.packing, run.device, run.use_bf16, run.info, run.state, max_grad_norm=cfg.max_grad_norm,
+                     max_nonfinite_steps=cfg.max_nonfinite_steps, max_tokens_per_batch=cfg.max_tokens_per_batch,
+                     offload_activations=cfg.offload_activations, chunked_loss=run.chunked_loss,
+                     checkpoints=run.ckpt_dir, say=run.bar.write, accumulate=run.hooks.accumulate)
 
 
 def log_step(run: Run, result: StepResult, meter: Throughput) -> None:

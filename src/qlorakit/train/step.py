@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -26,9 +28,6 @@ from . import processes
 from .objectives.forward import accepts
 from .objectives.sft import SFT, count_trained, loss_sum  # noqa: F401  (loss_sum, count_trained: their old home)
 from .schedule import ScheduledStep
-
-if TYPE_CHECKING:
-    from .setup import Run
 
 
 class TrainingStopped(UserError):
@@ -118,13 +117,38 @@ class StepResult:
     metrics: dict = field(default_factory=dict)  # the objective's (preference rewards...), averaged over the step
 
 
-def step_batches(run: Run, step: ScheduledStep) -> tuple[list[dict], list[float], list[dict]]:
+@dataclass
+class StepParts:
+    """What one optimizer step works on, and nothing else of the run (fit.step_parts builds it from the Run)."""
+
+    model: Any  # the peft model, maybe wrapped by DDP or sharded by FSDP2
+    params: list[torch.nn.Parameter]  # the trainable ones: their gradient norm is clipped
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    objective: Any  # how examples become micro-batches and a micro-batch a summed loss (objectives/)
+    examples: Sequence  # the training examples the step's indices point into
+    pad_id: int
+    packing: bool
+    device: torch.device
+    use_bf16: bool
+    info: processes.DistInfo
+    state: ckpt.TrainState  # its non-finite counters (skip_nonfinite)
+    max_grad_norm: float = 0.0  # 0: no clipping
+    max_nonfinite_steps: int = 3
+    max_tokens_per_batch: int = 0
+    offload_activations: bool = False
+    chunked_loss: bool = False
+    checkpoints: Path | None = None  # where checkpoint-STEP folders are, for the non-finite stop's message
+    say: Callable[[str], None] = print  # a line beside the progress bar
+    accumulate: Callable[..., float] = accumulate  # forward and backward of the micro-batches (a test replaces it)
+
+
+def step_batches(parts: StepParts, step: ScheduledStep) -> tuple[list[dict], list[float], list[dict]]:
     """This rank's micro-batches of ``step``, collated; their weights; and the real ones among them. A rank with no
     example left runs a filler (the step's shortest example) with weight 0, only to join the collectives."""
-    ex = run.train_ex
+    ex = parts.examples
     filler = [min(step.examples, key=lambda i: len(ex[i]))]
-    budget = run.cfg.max_tokens_per_batch
-    batches = [run.objective.collate(ex, ids or filler, run.pad_id, run.packing, budget)
+    batches = [parts.objective.collate(ex, ids or filler, parts.pad_id, parts.packing, parts.max_tokens_per_batch)
                for ids in step.micro_batches]
     weights = [1.0 if ids else 0.0 for ids in step.micro_batches]
     return batches, weights, [b for b, ids in zip(batches, step.micro_batches) if ids]
@@ -134,45 +158,46 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].numel() if "attention_mask" not in batch else batch["attention_mask"].sum())
 
 
-def optimizer_step(run: Run, step: ScheduledStep) -> StepResult:
+def optimizer_step(parts: StepParts, step: ScheduledStep) -> StepResult:
     """Forward and backward this rank's share of ``step``, clip the gradients, update the adapter and advance the
     learning-rate schedule. A non-finite loss or gradient norm skips the update (``skip_nonfinite``)."""
-    info, device, cfg = run.info, run.device, run.cfg
-    batches, weights, real = step_batches(run, step)
-    objective, sums = run.objective, {}
+    info, device, objective, sums = parts.info, parts.device, parts.objective, {}
+    batches, weights, real = step_batches(parts, step)
     n_units = processes.all_sum(objective.count(real), info, device)  # trained tokens (or their weight), or examples
     n_units = int(n_units) if float(n_units).is_integer() else n_units
     if objective.preference:
-        objective.begin_step(run.model, real, device, run.use_bf16)
-    summed = run.hooks.accumulate(run.model, batches, device, run.use_bf16, n_units, grad_scale=info.world_size,
-                                  weights=weights, chunked=run.chunked_loss, offload=cfg.offload_activations,
-                                  objective=objective, metrics=sums)
+        objective.begin_step(parts.model, batches, device, parts.use_bf16, weights, info)  # every rank: a collective
+    summed = parts.accumulate(parts.model, batches, device, parts.use_bf16, n_units, grad_scale=info.world_size,
+                              weights=weights, chunked=parts.chunked_loss, offload=parts.offload_activations,
+                              objective=objective, metrics=sums)
     loss = processes.all_sum(summed, info, device) / n_units
     metrics = {k: processes.all_sum(v, info, device) / n_units for k, v in sorted(sums.items())}
     n_tokens = int(processes.all_sum(count_trained(real), info, device)) if objective.preference else n_units
-    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-    lr = run.scheduler.get_last_lr()[0]
+    clip = parts.max_grad_norm if parts.max_grad_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(parts.params, clip)
+    lr = parts.scheduler.get_last_lr()[0]
     finite = math.isfinite(loss) and bool(torch.isfinite(norm))
     if finite:
-        run.optimizer.step()
-        run.state.nonfinite_in_a_row = 0
+        parts.optimizer.step()
+        parts.state.nonfinite_in_a_row = 0
     else:
-        skip_nonfinite(run, loss, float(norm))
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+        skip_nonfinite(parts.state, loss, float(norm), limit=parts.max_nonfinite_steps, say=parts.say,
+                       checkpoints=parts.checkpoints)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scheduler.step()
     seen = int(processes.all_sum(sum(real_tokens(b) for b in real), info, device))
     return StepResult(loss, n_tokens, seen, float(norm), lr, skipped=not finite, metrics=metrics)
 
 
-def skip_nonfinite(run: Run, loss: float, norm: float) -> None:
-    """The non-finite policy: the update is not made and the step is counted; ``max_nonfinite_steps`` such steps in
-    a row stop the run (TrainingStopped), naming the last good checkpoint."""
-    state = run.state
+def skip_nonfinite(state: ckpt.TrainState, loss: float, norm: float, *, limit: int, say: Callable[[str], None],
+                   checkpoints: Path | None) -> None:
+    """The non-finite policy: the update is not made and the step is counted; ``limit`` (max_nonfinite_steps) such
+    steps in a row stop the run (TrainingStopped), naming the last good checkpoint in ``checkpoints``."""
     state.nonfinite_in_a_row += 1
     state.skipped_steps += 1
-    run.bar.write(f"step {state.step + 1}: non-finite loss {loss} or gradient norm {norm}; update skipped")
-    if state.nonfinite_in_a_row >= run.cfg.max_nonfinite_steps:
-        last = ckpt.list_checkpoints(run.out)
+    say(f"step {state.step + 1}: non-finite loss {loss} or gradient norm {norm}; update skipped")
+    if state.nonfinite_in_a_row >= limit:
+        last = ckpt.list_checkpoints(checkpoints) if checkpoints is not None else []
         raise TrainingStopped(
             f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at "
             f"step {state.step + 1}); lower learning_rate or check the data"

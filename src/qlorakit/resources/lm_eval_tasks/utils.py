@@ -1,7 +1,7 @@
 """The data and scoring of qlorakit's offline lm-eval tasks (the YAML files beside this one name these functions
-with ``!function utils.NAME``). Self-contained, so this folder also works with plain lm-eval:
-``lm_eval --include_path PATH/TO/lm_eval_tasks --tasks qlorakit ...``. The files are read from the package, never
-from a hub."""
+with ``!function utils.NAME``). The folder also works with plain lm-eval where qlorakit is installed (its answers
+are scored by qlorakit.metrics): ``lm_eval --include_path PATH/TO/lm_eval_tasks --tasks qlorakit ...``. The files
+are read from the package, never from a hub."""
 
 from __future__ import annotations
 
@@ -30,11 +30,10 @@ def closed_context(**_metadata):
     return _json_splits(HERE.parent / "heldout_closed_context.jsonl", {"test": None})
 
 
-def _normalize(text: str) -> str:
-    return " ".join(text.lower().split()).strip(" .")
-
-
 def closed_context_scores(doc: dict, results: list[str]) -> dict[str, float]:
-    """exact_match and contains of the greedy reply, as ``qlorakit eval --dataset`` scores answers."""
-    reply, answer = _normalize(results[0]), _normalize(doc["answer"])
-    return {"exact_match": float(reply == answer), "contains": float(answer in reply)}
+    """exact_match, token_f1, rouge_l and contains of the greedy reply: qlorakit.metrics', as training's evaluation
+    and ``qlorakit eval --dataset`` score answers."""
+    from qlorakit.metrics import answer_metrics, contains
+
+    reply, answer = results[0], doc["answer"]
+    return answer_metrics([reply], [answer]) | {"contains": contains(reply, answer)}

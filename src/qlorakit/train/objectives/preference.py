@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ...data.batching import collate
+from .. import processes
 from ...data.tokenize import IGNORE, KTO_GOOD, PAIR, Example, preference_parts
 from .forward import sequence_logps
 from .losses import dpo_losses, kto_losses, orpo_losses, pair_metrics, simpo_losses
@@ -54,8 +55,10 @@ class Preference:
     def count(self, batches: list[dict]) -> int:
         return sum(int(b["pref_examples"]) for b in batches)
 
-    def begin_step(self, model, batches: list[dict], device, use_bf16: bool) -> None:
-        """Called before a step's micro-batches (KTO estimates its KL reference point here)."""
+    def begin_step(self, model, batches: list[dict], device, use_bf16: bool, weights: list[float] | None = None,
+                   info: processes.DistInfo | None = None) -> None:
+        """Called before a step's micro-batches, with their weights (0: a filler) and the ranks' ``info`` (KTO
+        estimates its KL reference point here)."""
 
 
 class Pairs(Preference):
@@ -127,15 +130,23 @@ class KTO(Preference):
         return self._with_reference(batch, ids, split)
 
     @torch.no_grad()
-    def begin_step(self, model, batches: list[dict], device, use_bf16: bool) -> None:
+    def begin_step(self, model, batches: list[dict], device, use_bf16: bool, weights: list[float] | None = None,
+                   info: processes.DistInfo | None = None) -> None:
+        """The KL point: the mean over the step's examples on ALL ranks (their sums and counts summed; TRL gathers
+        the ranks' means) of policy minus reference log-probability of the mismatched pairs, clamped at 0. Every
+        micro-batch runs, a filler (weight 0) too, so sharded ranks stay in step; a filler adds nothing."""
         from ..step import autocast
 
-        diffs = []
-        for b in batches:
+        total, count = 0.0, 0
+        for b, w in zip(batches, weights or [1.0] * len(batches)):
             with autocast(device, use_bf16):
                 policy = sequence_logps(model, b["pref_kl"], device)[0]
-            diffs.append(policy - b["pref_ref"][:, 1].to(device=device, dtype=policy.dtype))
-        self.kl = torch.cat(diffs).mean().clamp(min=0) if diffs else torch.zeros((), device=device)
+            if w:
+                total += float((policy.double() - b["pref_ref"][:, 1].to(device=device, dtype=torch.float64)).sum())
+                count += len(policy)
+        if info is not None:
+            total, count = processes.all_sum(total, info, device), processes.all_sum(count, info, device)
+        self.kl = torch.tensor(max(total / count, 0.0) if count else 0.0, device=device)
 
     def loss(self, model, batch: dict, device: torch.device, chunked: bool = False
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
