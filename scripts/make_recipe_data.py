@@ -41,7 +41,6 @@ training text; ``build_all`` asserts it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -225,14 +224,18 @@ def spread_kinds(rows: list[dict]) -> list[dict]:
     return [row for _, _, row in sorted(keyed, key=lambda t: t[:2])]
 
 
+def without_rejected(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in x.items() if k != REJECTED} for x in rows]
+
+
 def build_all() -> dict:
     """``{relative path: rows}`` for the three files, plus the held-out names; asserts the held-out set is
     disjoint."""
     with_rejected, _ = build("train")
-    train = [{k: v for k, v in x.items() if k != REJECTED} for x in with_rejected]
+    train = without_rejected(with_rejected)
     train_text = "\n".join(json.dumps(x, ensure_ascii=False) for x in train)
     held, names = build("eval", forbidden=train_text, seen={x["instruction"] for x in train})
-    held = [{k: v for k, v in x.items() if k != REJECTED} for x in held]
+    held = without_rejected(held)
     low = train_text.lower()
     assert not [n for n in names.used if n.lower() in low], "a held-out name occurs in the training file"
     assert not any(d in train_text for d in S.HELDOUT_DOMAINS)
@@ -245,13 +248,7 @@ def build_all() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-root", default=str(Path(__file__).resolve().parents[1]),
-                    help="directory the relative output paths are written under (default: the repository root)")
-    args = ap.parse_args(argv)
-    for rel, rows in build_all()["files"].items():
-        S.write_jsonl(Path(args.out_root) / rel, rows)
-        print(f"{rel}: {len(rows)} rows")
+    S.write_main(build_all, __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":
