@@ -18,7 +18,10 @@ Per row:
   distractor_answer closed-context rows with distractor passages: the reply (before "Reference(s):") states a
                     value one of the distractors gives for the asked attribute (``distractor_answers``)
   token_f1          every row: SQuAD's token F1 of the reply against the reference reply (``normalize``d tokens)
-  rouge_l           every row: ROUGE-L F-measure (``rouge_score``, stemmed) of the reply against the reference
+  rouge_l           every row: ROUGE-L F-measure (``rouge_score``, no stemming) of the reply against the reference
+
+``normalize``, ``token_f1`` and ``rouge_l`` are qlorakit.metrics' own, so these numbers are the ones training's
+``eval_token_f1``/``eval_rouge_l``, ``qlorakit eval`` and ``qlorakit compare`` report.
 
 Per run (``score_rows``): exact_match is the mean over the closed-context rows (answerable and unanswerable); the
 answerable-only, unanswerable-only and every-row metrics are means over those rows; each also with its row count.
@@ -26,15 +29,14 @@ answerable-only, unanswerable-only and every-row metrics are means over those ro
 
 from __future__ import annotations
 
-import collections
 import re
-import string
+
+from qlorakit.metrics import normalize_answer as normalize
+from qlorakit.metrics import rouge_l, token_f1
 
 ABSTAIN = "The text does not say."
 URL_RE = re.compile(r"https?://[^\s<>()\[\]\"']+")
 REFERENCE_RE = re.compile(r"reference\(s\)\s*:", re.I)
-ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
-PUNCT = str.maketrans("", "", string.punctuation)
 
 # What the table shows per run, in order: key -> (column label, rows it is over).
 METRICS = {
@@ -48,12 +50,6 @@ METRICS = {
     "token_f1": ("token F1", "all"),
     "rouge_l": ("ROUGE-L", "all"),
 }
-
-
-def normalize(text: str) -> str:
-    """Lower case, punctuation and the articles a/an/the removed, whitespace collapsed (SQuAD's normalization)."""
-    text = ARTICLES_RE.sub(" ", text.lower().translate(PUNCT))
-    return " ".join(text.split())
 
 
 def cited_urls(reply: str) -> set[str]:
@@ -74,29 +70,6 @@ def contains_words(haystack: str, needle: str) -> bool:
 
 def abstains(reply: str) -> bool:
     return contains_words(reply, ABSTAIN)
-
-
-def token_f1(reply: str, reference: str) -> float:
-    pred, ref = normalize(reply).split(), normalize(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
-    if not common:
-        return 0.0
-    p, r = common / len(pred), common / len(ref)
-    return 2 * p * r / (p + r)
-
-
-_ROUGE = None
-
-
-def rouge_l(reply: str, reference: str) -> float:
-    global _ROUGE
-    if _ROUGE is None:
-        from rouge_score import rouge_scorer
-
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return _ROUGE.score(reference, reply)["rougeL"].fmeasure
 
 
 def row_kind(row: dict) -> str:

@@ -333,8 +333,9 @@ def load_results(path: Path, settings: dict, args) -> dict:
 
 
 def todo_runs(res: dict, arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
-    """The (arm, seed) runs still to do: those not recorded, and those recorded as failed (run again)."""
-    return [(a, s) for a in arms for s in seeds if res["runs"].get(f"{a}/{s}", {}).get("status") != "ok"]
+    """The (arm, seed) runs still to do: those not recorded, and those recorded as failed (run again). Seed by
+    seed, so a sweep stopped early leaves whole seeds (every arm of the first seeds), not whole arms."""
+    return [(a, s) for s in seeds for a in arms if res["runs"].get(f"{a}/{s}", {}).get("status") != "ok"]
 
 
 def save_results(path: Path, res: dict) -> None:

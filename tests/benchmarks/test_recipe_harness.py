@@ -197,7 +197,7 @@ def test_seconds_per_step_from_log_line_times():
 
 def test_resume_reruns_failed_and_missing_runs_only(tmp_path):
     res = {"settings": {"s": 1}, "runs": {"a/42": run("a", 42, 0.5), "a/43": run("a", 43, status="failed")}}
-    assert recipes.todo_runs(res, ["a", "b"], [42, 43]) == [("a", 43), ("b", 42), ("b", 43)]
+    assert recipes.todo_runs(res, ["a", "b"], [42, 43]) == [("b", 42), ("a", 43), ("b", 43)]  # seed by seed
     path = tmp_path / "r.json"
     recipes.save_results(path, res)
     assert recipes.load_results(path, {"s": 1}, args_for(resume=True)) == json.loads(path.read_text())
