@@ -82,9 +82,12 @@ ARMS = {
     "dpo": ({"method": "dpo", "learning_rate": 1e-4, "num_train_epochs": 1},
             "the default arm's run of the same seed, then DPO (beta 0.1, sigmoid) on recipes_pairs.jsonl: "
             "supervised tuning, then preferences"),
+    "dpo_rpo": ({"method": "dpo", "learning_rate": 1e-4, "num_train_epochs": 1, "rpo_alpha": 1.0},
+                "as dpo, plus the chosen reply's per-token NLL (RPO, Pang et al. 2024: alpha 1.0)"),
     "trl": (None, "TRL SFTTrainer with qlora's hyperparameters (the reference row)"),
 }
-FOLLOWS = {"dpo": "default"}  # an arm that continues another arm's run of the same seed (init_from)
+# an arm that continues another arm's run of the same seed (init_from)
+FOLLOWS = {"dpo": "default", "dpo_rpo": "default"}
 # qlora's Guanaco-7B script (artidoro/qlora scripts/finetune_guanaco_7b.sh; the README: dropout 0.1 up to 13B):
 # r 64, alpha 16, dropout 0.1, lr 2e-4 constant after 3% warmup, batch 4 x accumulation 4, max grad norm 0.3, no
 # weight decay, 1875 steps = 30,000 examples = 3.05 epochs of OASST1's 9,846 training rows: here 3 epochs.
@@ -94,7 +97,7 @@ TRL_QLORA = {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "lr": 2e-4, 
              "warmup_ratio": 0.03, "batch": 4, "grad_accum": 4, "max_grad_norm": 0.3, "epochs": 3.0,
              "max_length": 1024}
 LABELS = {"default": "default (no hyperparameter flags)", "trl": "TRL SFTTrainer, qlora's hyperparameters",
-          "dpo": "default, then DPO"}
+          "dpo": "default, then DPO", "dpo_rpo": "default, then DPO + NLL (RPO)"}
 QUICK = {"arms": "default,trl", "seeds": 1, "train_rows": 16, "eval_rows": 8, "epochs": 1.0}
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
 

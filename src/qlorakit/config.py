@@ -189,6 +189,10 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                      "(SimPO, Llama-3 setting).")
     label_smoothing: float = _f(0.0, "dpo: assumed share of flipped labels in [0, 0.5); 0 = plain DPO.")
     simpo_gamma: float = _f(1.0, "simpo: target reward margin (SimPO paper: gamma/beta 0.5 at beta 2.0).")
+    rpo_alpha: float = _f(0.0, "dpo: weight of the chosen completion's NLL added to each pair's loss (RPO, Pang et "
+                          "al. 2024: alpha 1.0), -log pi(y_w|x) / |y_w|; 0 = off. It keeps the chosen reply likely "
+                          "where chosen and rejected differ in a few tokens, which plain DPO lets fall (likelihood "
+                          "displacement, Razin et al. 2024).")
     orpo_lambda: float = _f(0.1, "orpo: weight of the odds-ratio term (ORPO paper: 0.1; TRL's beta).")
     kto_desirable_weight: float = _f(1.0, "kto: weight of desirable (label true) rows (paper: 1.0).")
     kto_undesirable_weight: float = _f(1.0, "kto: weight of undesirable rows (paper: 1.0).")

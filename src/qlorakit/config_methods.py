@@ -7,12 +7,14 @@ METHODS = ("sft", "dpo", "orpo", "simpo", "kto")
 PAIR_METHODS = ("dpo", "orpo", "simpo")  # their eval holds a reward accuracy (eval_rewards/accuracies); kto's not
 # The keys each preference method reads (beyond the shared ones); a key set away from its default while the method
 # ignores it is an error (validate_method).
-METHOD_KEYS = {"sft": (), "dpo": ("loss_type", "beta", "label_smoothing", "reference", "precompute_reference"),
+METHOD_KEYS = {"sft": (), "dpo": ("loss_type", "beta", "label_smoothing", "rpo_alpha", "reference",
+                                  "precompute_reference"),
                "orpo": ("orpo_lambda",), "simpo": ("beta", "simpo_gamma"),
                "kto": ("beta", "kto_desirable_weight", "kto_undesirable_weight", "reference",
                        "precompute_reference")}
-PREFERENCE_KEYS = ("loss_type", "beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "kto_desirable_weight",
-                   "kto_undesirable_weight", "disable_dropout", "reference", "precompute_reference")
+PREFERENCE_KEYS = ("loss_type", "beta", "label_smoothing", "rpo_alpha", "simpo_gamma", "orpo_lambda",
+                   "kto_desirable_weight", "kto_undesirable_weight", "disable_dropout", "reference",
+                   "precompute_reference")
 PAPER_BETA = {"dpo": 0.1, "kto": 0.1, "simpo": 2.0}  # DPO, KTO papers; SimPO paper (Llama-3 setting)
 
 
@@ -30,7 +32,7 @@ def validate_method(cfg, defaults: dict) -> list[str]:
         problems.append(f"label_smoothing: must be in [0, 0.5), got {cfg.label_smoothing}")
     if cfg.loss_type == "robust" and cfg.label_smoothing == 0:
         problems.append("loss_type robust: needs label_smoothing > 0 (the assumed flip rate); with 0 it is sigmoid")
-    for key in ("orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
+    for key in ("rpo_alpha", "orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
         if getattr(cfg, key) < 0:
             problems.append(f"{key}: must be >= 0, got {getattr(cfg, key)}")
     if cfg.method != "sft" and cfg.train_on_source:

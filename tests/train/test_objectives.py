@@ -116,3 +116,30 @@ def test_a_key_the_method_ignores_is_an_error_naming_both():
     from qlorakit.config_methods import method_beta
 
     assert (method_beta(cfg), method_beta(build_config(["--method", "dpo"]))) == (2.0, 0.1)
+
+
+def test_rpo_adds_each_pairs_chosen_nll_over_its_length(monkeypatch):
+    """rpo_alpha adds alpha * -log pi(y_w) / |y_w| to each pair's DPO loss. Chosen completions of different lengths
+    tell the per-pair normalization from a batch-wide token mean (TRL's) and from an unnormalized sum."""
+    from qlorakit.train.objectives import preference
+    from qlorakit.train.objectives.losses import rpo_nll
+
+    sums = t([-6.0, -30.0, -2.0, -9.0])  # chosen, rejected of pair 1, then of pair 2
+    counts = t([3.0, 5.0, 8.0, 2.0])
+    monkeypatch.setattr(preference, "sequence_logps", lambda model, batch, device: (sums, counts))
+    batch = {"pref_ref": t([[-5.0, -29.0], [-2.5, -8.0]])}
+    plain = preference.Pairs("dpo", beta=0.1).loss(None, batch, torch.device("cpu"))[0]
+    rpo = preference.Pairs("dpo", beta=0.1, rpo_alpha=0.5).loss(None, batch, torch.device("cpu"))[0]
+    assert float(rpo - plain) == pytest.approx(0.5 * (6.0 / 3 + 2.0 / 8))
+    assert rpo_nll(t([-6.0, -2.0]), t([3.0, 8.0])).tolist() == pytest.approx([2.0, 0.25])
+    assert float(rpo - plain) != pytest.approx(0.5 * (6.0 + 2.0) / (3 + 8) * 2)  # the batch token mean differs
+
+
+def test_rpo_alpha_is_a_dpo_key():
+    from qlorakit.config import ConfigError, build_config
+
+    assert build_config(["--method", "dpo", "--rpo_alpha", "1"]).rpo_alpha == 1.0
+    with pytest.raises(ConfigError, match=r"rpo_alpha: method orpo does not use it.*\(dpo\)"):
+        build_config(["--method", "orpo", "--rpo_alpha", "1"])
+    with pytest.raises(ConfigError, match=r"rpo_alpha: must be >= 0"):
+        build_config(["--method", "dpo", "--rpo_alpha", "-1"])

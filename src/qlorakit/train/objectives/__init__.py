@@ -22,4 +22,4 @@ def objective_for(cfg: TrainConfig):
         return KTO(beta=method_beta(cfg), desirable_weight=cfg.kto_desirable_weight,
                    undesirable_weight=cfg.kto_undesirable_weight)
     return Pairs(cfg.method, beta=method_beta(cfg), loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                 orpo_lambda=cfg.orpo_lambda, simpo_gamma=cfg.simpo_gamma)
+                 rpo_alpha=cfg.rpo_alpha, orpo_lambda=cfg.orpo_lambda, simpo_gamma=cfg.simpo_gamma)

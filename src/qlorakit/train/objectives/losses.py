@@ -41,6 +41,14 @@ def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.T
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def rpo_nll(chosen_sum: torch.Tensor, chosen_count: torch.Tensor) -> torch.Tensor:
+    """RPO's added term (Pang et al. 2024, *Iterative Reasoning Preference Optimization*, eq. 2): each pair's
+    chosen completion's negative log-likelihood over its length, ``-log pi(y_w|x) / |y_w|``, from its summed
+    log-probability and token count. DPO adds ``rpo_alpha`` times it to each pair's loss (TRL's ``rpo_alpha``
+    averages the NLL over all chosen tokens of the batch instead: the same where completions are equally long)."""
+    return -chosen_sum / chosen_count
+
+
 def log1m_exp(logp: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(logp))`` for ``logp < 0`` without cancellation: ``log(-expm1(logp))`` near 0, where
     ``1 - exp`` would round to 0, and ``log1p(-exp(logp))`` far from it (Maechler 2012). ``logp`` is clamped just

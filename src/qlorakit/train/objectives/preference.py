@@ -17,7 +17,7 @@ from ...data.batching import collate
 from .. import processes
 from ...data.tokenize import IGNORE, KTO_GOOD, PAIR, Example, preference_parts
 from .forward import sequence_logps
-from .losses import dpo_losses, kto_losses, orpo_losses, pair_metrics, simpo_losses
+from .losses import dpo_losses, kto_losses, orpo_losses, pair_metrics, rpo_nll, simpo_losses
 
 
 def sequences_batch(seqs: list[Example], pad_id: int, packing: bool) -> dict:
@@ -65,9 +65,10 @@ class Pairs(Preference):
     """dpo (sigmoid, ipo, robust), orpo, simpo on chosen/rejected pairs."""
 
     def __init__(self, name: str, *, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-                 orpo_lambda: float = 0.1, simpo_gamma: float = 1.0):
+                 rpo_alpha: float = 0.0, orpo_lambda: float = 0.1, simpo_gamma: float = 1.0):
         super().__init__(name)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.rpo_alpha = rpo_alpha
         self.orpo_lambda, self.simpo_gamma = orpo_lambda, simpo_gamma
         self.needs_reference = name == "dpo"
         # Token-averaged log-probabilities: ORPO's odds and SimPO's length-normalized reward; IPO as TRL computes it.
@@ -92,6 +93,8 @@ class Pairs(Preference):
             ref = ref / counts.view(-1, 2) if self.average else ref
             losses, rw, rl = dpo_losses(chosen, rejected, ref[:, 0], ref[:, 1], beta=self.beta,
                                         loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+            if self.rpo_alpha:  # RPO: the chosen completion's per-token NLL, per pair
+                losses = losses + self.rpo_alpha * rpo_nll(sums[0::2], counts[0::2])
         elif self.name == "orpo":
             losses, rw, rl = orpo_losses(chosen, rejected, lam=self.orpo_lambda)
         else:
