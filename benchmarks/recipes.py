@@ -55,6 +55,7 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 SEEDS_FROM = 42
 
+DPO_FLAGS = {"method": "dpo", "learning_rate": 1e-4, "num_train_epochs": 1}  # the dpo arms' shared flags
 # arm -> (qlorakit train flags on top of its defaults, what it tests). Literature: docs/recipes.md.
 ARMS = {
     "default": ({}, "qlorakit train with no hyperparameter flags"),
@@ -79,10 +80,9 @@ ARMS = {
                   "gradient_accumulation_steps": 4, "warmup_ratio": 0, "lr_scheduler_type": "constant",
                   "max_grad_norm": 0.3, "num_train_epochs": 3},
                  "qlorakit with TRL's row's hyperparameters (qlora's): tool vs recipe"),
-    "dpo": ({"method": "dpo", "learning_rate": 1e-4, "num_train_epochs": 1},
-            "the default arm's run of the same seed, then DPO (beta 0.1, sigmoid) on recipes_pairs.jsonl: "
+    "dpo": (DPO_FLAGS, "the default arm's run of the same seed, then DPO (beta 0.1, sigmoid) on recipes_pairs.jsonl: "
             "supervised tuning, then preferences"),
-    "dpo_rpo": ({"method": "dpo", "learning_rate": 1e-4, "num_train_epochs": 1, "rpo_alpha": 1.0},
+    "dpo_rpo": (DPO_FLAGS | {"rpo_alpha": 1.0},
                 "as dpo, plus the chosen reply's per-token NLL (RPO, Pang et al. 2024: alpha 1.0)"),
     "trl": (None, "TRL SFTTrainer with qlora's hyperparameters (the reference row)"),
 }
