@@ -14,7 +14,10 @@ Files written (paths relative to the output root):
   closed-context training row: chosen is that row's reference reply; rejected is the mistake a supervised model
   makes on it (``rejected_reply``): on an unanswerable question an invented answer citing the asked entity's
   passage (a distractor's value where there is a distractor, else a made-up one); on an answerable one a
-  distractor's value, the distractor's url, the source url with one character wrong, or a made-up value.
+  distractor's value, the distractor's url, the source url with one character wrong, or a made-up value; and on
+  every fourth answerable one the abstention ``ABSTAIN``, so that 16 pairs prefer the abstention over an invented
+  answer and 16 prefer the answer over a wrong abstention (with abstention only ever chosen, DPO after supervised
+  tuning learned to abstain on answerable questions too: README, "Recipes").
 
 A closed-context row is airoboros 1.4's layout (``instruction``/``response``/``category``): one to three
 BEGININPUT passages, each with its own ``url`` (and ``date``) in BEGINCONTEXT, then one question and "Cite your
@@ -58,6 +61,10 @@ ABSTAIN = "The text does not say."
 REJECTED = "_rejected"  # the rejected reply a closed row carries until build_all splits it off into the pairs file
 COUNTS = {"train": (80, 20), "eval": (35, 5)}  # (closed-context rows, plain instruction rows)
 UNANSWERABLE_EVERY = 5  # every fifth closed-context row cannot be answered from its passages
+# every fourth answerable pair rejects the abstention instead of a mistake: as many pairs prefer an answer over
+# "The text does not say." as prefer the abstention over an invented answer (16 each), so preferences do not
+# teach abstaining everywhere
+ABSTAIN_REJECTED_EVERY = 4
 WORDS = (10, 18)  # words per passage before its last sentence: three-passage rows stay near 300 tokens
 
 
@@ -244,6 +251,10 @@ def build_all() -> dict:
             assert row["answer"] not in train_text and row["source"] not in train_text, row
     pairs = [{"prompt": x["instruction"], "chosen": x["response"], "rejected": x[REJECTED]}
              for x in with_rejected if x["answerable"] is not None]
+    answerable = [p for p, x in zip(pairs, (x for x in with_rejected if x["answerable"] is not None))
+                  if x["answerable"]]
+    for pair in answerable[ABSTAIN_REJECTED_EVERY - 1::ABSTAIN_REJECTED_EVERY]:
+        pair["rejected"] = ABSTAIN
     return {"files": {TRAIN_FILE: train, EVAL_FILE: held, PAIRS_FILE: pairs}, "heldout_names": sorted(names.used)}
 
 

@@ -137,7 +137,8 @@ def test_every_prefix_holds_each_kind_in_its_share(rel):
 def test_each_pair_is_its_training_row_against_a_mistake_the_scorer_counts():
     """The preference pairs (SFT, then DPO: README): one per closed-context training row, chosen = that row's
     reference reply (the scorer's exact match 1), rejected = a reply the same scorer fails: an invented answer to an
-    unanswerable question, or a wrong value or url (a distractor's, one character off, or made up)."""
+    unanswerable question, a wrong value or url (a distractor's, one character off, or made up), or, on as many
+    answerable questions as there are unanswerable ones, the abstention."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from recipe_score import score_rows
 
@@ -148,10 +149,15 @@ def test_each_pair_is_its_training_row_against_a_mistake_the_scorer_counts():
     asked = [rows[p["prompt"]] for p in pairs]
     assert [p["chosen"] for p in pairs] == [r["response"] for r in asked]
     assert score_rows(asked, [p["chosen"] for p in pairs])["exact_match"] == 1.0
+    abstentions = 0
     for row, pair in zip(asked, pairs):
         wrong = score_rows([row], [pair["rejected"]])
         assert wrong["exact_match"] == 0.0, pair
         if row["answerable"] is False:
             assert wrong["invented_answer"] == 1.0 and REFERENCE_RE.search(pair["rejected"]), pair
+        elif wrong["false_abstention"] == 1.0:  # the answer preferred over "The text does not say."
+            abstentions += 1
         else:  # the same answer sentence with exactly one thing wrong: the value or the cited url
             assert (wrong["answer_match"], wrong["citation_match"]) in ((0.0, 1.0), (1.0, 0.0)), pair
+    # as many pairs reject the abstention as choose it, so preferences do not teach abstaining everywhere
+    assert abstentions == sum(r["answerable"] is False for r in asked) == 16
