@@ -259,6 +259,8 @@ def train_one(arm: str, seed: int, run_dir: Path, model_dir: str, files: dict, a
     else:
         out |= {"steps": child["step_times"][-1][0] if child["step_times"] else None,
                 "seconds_per_step": seconds_per_step(child["step_times"])}
+    if arm in FOLLOWS:  # the settings' digest covers the train and eval files; this names the pairs a run used
+        out["pairs_sha256"] = hashlib.sha256(files["pairs"].read_bytes()).hexdigest()[:16]
     return out | {"status": "ok", "adapter": str(adapter)}
 
 

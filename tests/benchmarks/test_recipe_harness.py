@@ -3,6 +3,7 @@ the table (a failed seed shown, never averaged in or dropped), and the bookkeepi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -178,6 +179,25 @@ def test_the_dpo_arm_continues_the_default_arms_run_of_its_seed_on_the_pairs(tmp
     # without the default arm's adapter of that seed it fails with the reason, before starting a process
     out = recipes.train_one("dpo", 44, tmp_path / "dpo-s44", "/m", FILES, args)
     assert out["status"] == "failed" and "run --arms default,dpo" in out["reason"]
+
+
+def test_a_dpo_run_records_the_digest_of_the_pairs_it_trained_on(tmp_path, monkeypatch):
+    """The settings' data digest covers the train and eval files only; a run on pairs says which pairs, so results
+    made before and after the pairs file changed are told apart."""
+    args = args_for(runs_dir=str(tmp_path), arm_list=["default", "dpo"], keep_adapters=False)
+    (tmp_path / "default-s44" / "adapter").mkdir(parents=True)
+    (tmp_path / "default-s44" / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(recipes, "run_child", lambda cmd, log: {"rc": 0, "wall_seconds": 1.0, "peak_rss_mib": 1.0,
+                                                                 "log": str(log), "step_times": [(1, 0.0), (2, 1.0)]})
+    digests = []
+    for text in (b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n', b'{"prompt": "p", "chosen": "a"}\n'):
+        (tmp_path / "p.jsonl").write_bytes(text)
+        files = {"train": tmp_path / "t.jsonl", "pairs": tmp_path / "p.jsonl"}
+        out = recipes.train_one("dpo", 44, tmp_path / "dpo-s44", "/m", files, args)
+        assert out["status"] == "ok" and out["pairs_sha256"] == hashlib.sha256(text).hexdigest()[:16]
+        digests.append(out["pairs_sha256"])
+    assert digests[0] != digests[1]
+    assert "pairs_sha256" not in recipes.train_one("default", 44, tmp_path / "default-s44b", "/m", files, args)
 
 
 def test_trl_row_runs_qloras_hyperparameters():
