@@ -113,3 +113,44 @@ def test_a_dora_run_merges_with_its_magnitudes(tiny_llama, tmp_path, monkeypatch
     twin, _, _ = merge.merged_model(run, dtype="fp32")
     with torch.no_grad():
         assert float((twin(ids).logits - want).abs().max()) > 100 * float((got - want).abs().max())
+def test_a_dpo_run_merges_exports_and_answers_like_any_run(run_dir, tmp_path):
+    """A preference run (``--init_from`` an SFT run, ``--method dpo``) hands over as any run does: its config names
+    no base of its own, so merge, GGUF export and generate must find the base through the run it started from."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    from helpers import write_jsonl
+    from qlorakit.runs import load_run
+
+    words = "alpha beta gamma delta river stone cloud maple orbit quartz".split()
+    pairs = [{"prompt": f"Which word follows {words[i]}?", "chosen": words[(i + 1) % 10],
+              "rejected": words[(i + 5) % 10]} for i in range(8)]
+    dpo = tmp_path / "dpo"
+    assert main(["train", "--init_from", str(run_dir), "--method", "dpo", "--dataset",
+                 str(write_jsonl(tmp_path / "p.jsonl", pairs)), "--output_dir", str(dpo), "--max_steps", "3",
+                 "--learning_rate", "0.02", "--bf16", "false", "--save_strategy", "no", "--eval_strategy", "no"]) == 0
+    before, after = load_file(run_dir / "adapter_model.safetensors"), load_file(dpo / "adapter_model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # the premise: DPO moved the adapter
+
+    assert main(["merge", str(dpo), "--output", str(tmp_path / "m"), "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    adapter_model, _, cfg = load_run(dpo)
+    assert cfg.method == "dpo"
+    ids = tok(HELD_OUT, return_tensors="pt").input_ids
+    assert (next_tokens(merged, ids) == next_tokens(adapter_model, ids)).float().mean().item() >= 0.97
+
+    (tmp_path / "g").mkdir()
+    assert main(["export", str(dpo), "--format", "gguf", "--outtype", "f16", "--output",
+                 str(tmp_path / "g" / "m.gguf")]) == 0
+    g = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="m.gguf", dtype=torch.float32,
+                                             quantization_config=GgufConfig(dequantize=True))
+    assert (next_tokens(g, ids) == next_tokens(merged, ids)).float().mean().item() >= 0.97
+
+    out = tmp_path / "a.jsonl"
+    assert main(["generate", str(dpo), "--input", str(write_jsonl(tmp_path / "q.jsonl", [{"instruction": "Hi?"}])),
+                 "--output", str(out), "--max_new_tokens", "4"]) == 0
+    assert [set(json.loads(x)) for x in out.read_text().splitlines()] == [{"instruction", "generated"}]
