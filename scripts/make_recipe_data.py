@@ -249,12 +249,11 @@ def build_all() -> dict:
     for row in held:
         if row["answerable"]:
             assert row["answer"] not in train_text and row["source"] not in train_text, row
-    pairs = [{"prompt": x["instruction"], "chosen": x["response"], "rejected": x[REJECTED]}
-             for x in with_rejected if x["answerable"] is not None]
-    answerable = [p for p, x in zip(pairs, (x for x in with_rejected if x["answerable"] is not None))
-                  if x["answerable"]]
-    for pair in answerable[ABSTAIN_REJECTED_EVERY - 1::ABSTAIN_REJECTED_EVERY]:
-        pair["rejected"] = ABSTAIN
+    closed = [x for x in with_rejected if x["answerable"] is not None]
+    answerable = [i for i, x in enumerate(closed) if x["answerable"]]
+    rejects_abstention = set(answerable[ABSTAIN_REJECTED_EVERY - 1::ABSTAIN_REJECTED_EVERY])
+    pairs = [{"prompt": x["instruction"], "chosen": x["response"],
+              "rejected": ABSTAIN if i in rejects_abstention else x[REJECTED]} for i, x in enumerate(closed)]
     return {"files": {TRAIN_FILE: train, EVAL_FILE: held, PAIRS_FILE: pairs}, "heldout_names": sorted(names.used)}
 
 

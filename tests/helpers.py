@@ -4,6 +4,7 @@ import from here, never from each other."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -51,19 +52,27 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+WORDS = "alpha beta gamma delta river stone cloud maple orbit quartz violet ember lantern harbor".split()
+
+
 def airoboros_rows(n: int, seed: int = 0) -> list[dict]:
     """Rows whose responses differ a lot in length (from one word to many sentences)."""
-    import random
-
     rng = random.Random(seed)
-    words = "alpha beta gamma delta river stone cloud maple orbit quartz violet ember lantern harbor".split()
     rows = []
     for i in range(n):
-        q = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
         k = [1, 40][i % 2] * rng.randint(1, 2)
-        a = " ".join(rng.choice(words) for _ in range(k))
+        a = " ".join(rng.choice(WORDS) for _ in range(k))
         rows.append({"instruction": f"Repeat some words about {q}.", "response": a})
     return rows
+
+
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    """Preference rows (prompt/chosen/rejected) of a few random words each."""
+    rng = random.Random(seed)
+    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
+    return [{"prompt": f"Which word follows {say(rng.randint(2, 6))}?", "chosen": say(rng.randint(1, 4)),
+             "rejected": say(rng.randint(1, 6))} for _ in range(n)]
 
 
 def read_metrics(run_dir: Path, key: str | None = None) -> list[dict]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 
 import torch
 
-from helpers import airoboros_rows
+from helpers import adapter_weights, airoboros_rows, pair_rows, write_jsonl
 from qlorakit.cli import main
 
 HELD_OUT = ("The committee met on a cold morning to review the harbor lanterns. Violet maple orbit quartz ember. "
@@ -113,26 +114,21 @@ def test_a_dora_run_merges_with_its_magnitudes(tiny_llama, tmp_path, monkeypatch
     twin, _, _ = merge.merged_model(run, dtype="fp32")
     with torch.no_grad():
         assert float((twin(ids).logits - want).abs().max()) > 100 * float((got - want).abs().max())
+
+
 def test_a_dpo_run_merges_exports_and_answers_like_any_run(run_dir, tmp_path):
     """A preference run (``--init_from`` an SFT run, ``--method dpo``) hands over as any run does: its config names
     no base of its own, so merge, GGUF export and generate must find the base through the run it started from."""
-    import json
-
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils.quantization_config import GgufConfig
 
-    from helpers import write_jsonl
     from qlorakit.runs import load_run
 
-    words = "alpha beta gamma delta river stone cloud maple orbit quartz".split()
-    pairs = [{"prompt": f"Which word follows {words[i]}?", "chosen": words[(i + 1) % 10],
-              "rejected": words[(i + 5) % 10]} for i in range(8)]
     dpo = tmp_path / "dpo"
     assert main(["train", "--init_from", str(run_dir), "--method", "dpo", "--dataset",
-                 str(write_jsonl(tmp_path / "p.jsonl", pairs)), "--output_dir", str(dpo), "--max_steps", "3",
+                 str(write_jsonl(tmp_path / "p.jsonl", pair_rows(8))), "--output_dir", str(dpo), "--max_steps", "3",
                  "--learning_rate", "0.02", "--bf16", "false", "--save_strategy", "no", "--eval_strategy", "no"]) == 0
-    before, after = load_file(run_dir / "adapter_model.safetensors"), load_file(dpo / "adapter_model.safetensors")
+    before, after = adapter_weights(run_dir), adapter_weights(dpo)
     assert any(not torch.equal(before[k], after[k]) for k in after)  # the premise: DPO moved the adapter
 
     assert main(["merge", str(dpo), "--output", str(tmp_path / "m"), "--dtype", "fp32"]) == 0

@@ -12,11 +12,8 @@ import random
 import pytest
 from safetensors.torch import load_file
 
-from helpers import read_metrics, train_with, write_jsonl
+from helpers import WORDS, read_metrics, train_with, write_jsonl
 from qlorakit.config import ConfigError, build_config
-
-WORDS = "alpha beta gamma delta river stone cloud maple orbit quartz violet ember lantern harbor".split()
-
 
 def pairs(n: int, seed: int = 1) -> list[dict]:
     rng = random.Random(seed)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,18 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SGD_ONE_STEP, lora_b, lora_model, read_metrics, rel_diff, write_jsonl
+from helpers import SGD_ONE_STEP, lora_b, lora_model, pair_rows, read_metrics, rel_diff, write_jsonl
 from qlorakit.cli import main
-
-WORDS = "alpha beta gamma delta river stone cloud maple orbit quartz violet ember lantern harbor".split()
-
-
-def pair_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731
-    return [{"prompt": f"Which word follows {say(rng.randint(2, 6))}?", "chosen": say(rng.randint(1, 4)),
-             "rejected": say(rng.randint(1, 6))} for _ in range(n)]
-
 
 def dpo_args(run_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--init_from", str(run_dir), "--method", "dpo", "--dataset", str(data), "--output_dir", str(out),
