@@ -69,10 +69,21 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                                 "CPU when they take under a quarter of the free memory.", AUTO)
     mpt: bool = _f(False, "Accepted for compatibility with the MPT fork of qlora; the architecture is read from "
                    "the model's config, so it has no effect.")
+    recipe: str = _f("auto", "Where the defaults of lora_r, lora_alpha, lora_dropout, learning_rate and "
+                     "gradient_accumulation_steps come from (a key you give always wins): small = the ones below, "
+                     "chosen by benchmarks/recipes.py on the embedded 135M model (README, Recipes); qlora = the "
+                     "QLoRA paper's for 7B-65B models (Dettmers et al. 2023, artidoro/qlora's scripts): r 64, alpha "
+                     "16, batch 16, and learning rate 2e-4 with dropout 0.1 up to 20B parameters, 1e-4 with 0.05 "
+                     "above; a preference method's learning rate 5e-6 (alignment-handbook's Zephyr-7B DPO QLoRA "
+                     "recipe); auto = small under 1B parameters, else qlora (docs/recipes.md).",
+                     ("auto", "small", "qlora"))
     # --- LoRA ---
-    lora_r: int = _f(16, "LoRA rank.")
-    lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input.")
+    lora_r: int = _f(16, "LoRA rank. 16: the small-model recipe (README, Recipes); above 1B parameters the recipe "
+                     "key gives QLoRA's 64.")
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r). 32: scale 2, the small-model recipe's "
+                           "(README, Recipes); above 1B parameters the recipe key gives QLoRA's 16 (scale 0.25).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input. Above 1B parameters the recipe key gives QLoRA's 0.1 "
+                             "(up to 20B) or 0.05.")
     lora_modules: str = _f("all", "'all' linear layers except the output head, or a comma-separated list of module "
                            "names (e.g. q_proj,v_proj).")
     neftune_noise_alpha: float = _f(0.0, "NEFTune: uniform noise on the input embeddings in training steps only, "
@@ -142,9 +153,12 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
     max_steps: int = _f(-1, "Optimizer steps; when > 0 it caps the run.")
     per_device_train_batch_size: int = _f(4, "Examples per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step. The loss is normalized by the "
-                                          "number of trained tokens in all of them, so this equals a bigger batch.")
-    learning_rate: float = _f(5e-4, "Peak learning rate (the default suits the embedded 135M model; the QLoRA paper "
-                              "used 2e-4 for 7B-13B and 1e-4 for 33B-65B).")
+                                          "number of trained tokens in all of them, so this equals a bigger batch. "
+                                          "Above 1B parameters the recipe key makes the batch QLoRA's 16.")
+    learning_rate: float = _f(5e-4, "Peak learning rate. 5e-4: the small-model recipe, measured on the embedded 135M "
+                              "model (README, Recipes); above 1B parameters the recipe "
+                              "key gives the QLoRA paper's 2e-4 (up to 20B) or 1e-4, and 5e-6 to a preference "
+                              "method.")
     lr_scheduler_type: str = _f("constant", "Schedule after warmup.", ("constant", "linear", "cosine"))
     warmup_ratio: float = _f(0.03, "Share of steps spent warming up linearly from 0.")
     weight_decay: float = _f(0.0, "Decoupled weight decay (AdamW) or L2 (SGD).")
@@ -201,6 +215,8 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
     reference: str = _f("init", "dpo/kto's frozen reference: init = the starting adapter (init_from's, or the "
                         "fresh one, equal to the base), base = the bare base.", ("init", "base"))
     precompute_reference: bool = _f(False, "Keep the reference log-probabilities in the data cache for reuse.")
+    # the keys given in the file or on the command line (not a key itself): the recipe leaves them as they are
+    given: frozenset = field(default=frozenset(), repr=False, compare=False, metadata={"internal": True})
 
     # ------------------------------------------------------------------
     def use_bf16(self) -> bool:
@@ -214,7 +230,8 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
         return {name: values[name] for name in FIELDS}
 
 
-FIELDS = {f.name: f for f in sorted(dataclasses.fields(TrainConfig), key=lambda f: f.name in QLORA_KEYS)}
+FIELDS = {f.name: f for f in sorted(dataclasses.fields(TrainConfig), key=lambda f: f.name in QLORA_KEYS)
+          if not f.metadata.get("internal")}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
@@ -361,7 +378,7 @@ def config_from_mapping(merged: dict[str, tuple[object, str]], problems: list[st
             values[key] = _coerce(key, value, source)
         except ConfigError as e:
             problems.append(str(e))
-    cfg = TrainConfig(**values)
+    cfg = TrainConfig(**values, given=frozenset(values))
     problems += validate(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
@@ -391,4 +408,4 @@ def load_run_config(run_dir: Path) -> TrainConfig:
                           "pass the output_dir of a 'qlorakit train' run")
     data = yaml.safe_load(p.read_text(encoding="utf-8"))
     known = {k: v for k, v in data.items() if k in FIELDS}
-    return TrainConfig(**known)
+    return TrainConfig(**known, given=frozenset(known))  # resolved values: a recipe does not change them again

@@ -166,8 +166,9 @@ def test_suggestions_paste_into_train_and_fit(argv, capsys):
 
 
 def test_plan_reads_a_train_config(tmp_path, capsys):
-    """--config takes the keys the plan knows from a 'qlorakit train' YAML (train's defaults for the others),
-    MODEL from its model_name_or_path; a flag wins over the file; the file is checked as train checks it."""
+    """--config takes the keys the plan knows from a 'qlorakit train' YAML (for the others, train's defaults for the
+    model's size: the recipe key), MODEL from its model_name_or_path; a flag wins over the file; the file is checked
+    as train checks it."""
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(load_model_config("llama-33b")[0]))
     y = tmp_path / "run.yaml"
@@ -185,6 +186,9 @@ def test_plan_reads_a_train_config(tmp_path, capsys):
     assert main(["plan", "llama-65b", "--config", str(y), "--lora_r", "32"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("llama-65b:") and "LoRA r 32 on all, micro batch 2 x seq 256" in out
+    y.write_text(f"model_name_or_path: {tmp_path / 'model'}\n")  # the keys left out: train's for a 33B model
+    assert main(["plan", "--config", str(y)]) == 0
+    assert "LoRA r 64 on all, micro batch 4 x seq 1024" in capsys.readouterr().out  # QLoRA's r, not small's 16
     y.write_text("lora_r: many\nper_device_train_batch_size: 0\n")
     assert main(["plan", "llama-65b", "--config", str(y)]) == 2
     err = capsys.readouterr().err

@@ -51,11 +51,17 @@ def _gguf_cache_dir(gguf: Path) -> Path:
     return cache_root() / "models" / f"{gguf.stem}-{key}"
 
 
+def converted_gguf(gguf: Path) -> Path | None:
+    """The directory ``convert_gguf`` made of ``gguf``, where it has made it."""
+    out = _gguf_cache_dir(gguf)
+    return out if (out / "config.json").is_file() else None
+
+
 def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A cached safetensors directory with the dequantized weights and tokenizer of ``gguf`` (made once)."""
+    if converted_gguf(gguf):
+        return converted_gguf(gguf)
     out = _gguf_cache_dir(gguf)
-    if (out / "config.json").is_file():
-        return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils.quantization_config import GgufConfig
 

@@ -124,12 +124,18 @@ def plan_parser() -> Parser:
     return p
 
 
-def run_settings(config_file: str) -> tuple[dict, str | None]:
-    """The plan's settings of a 'qlorakit train' config file (train's defaults for the keys it leaves out), and
-    its model unless that is the embedded default."""
+def run_settings(config_file: str, model: str | None = None) -> tuple[dict, str | None]:
+    """The plan's settings of a 'qlorakit train' config file (for the keys it leaves out, train's defaults for the
+    model's size: the recipe key, train/recipe.py), and its model unless that is the embedded default. ``model``:
+    the model to plan, where it is not the file's."""
     from ..config import build_config
+    from ..model.memory import architecture, parameter_count
+    from ..train.recipe import apply_recipe
 
     cfg = build_config([config_file])
+    name = model or (None if cfg.model_name_or_path == "default" else cfg.model_name_or_path)
+    if name:
+        cfg = apply_recipe(cfg, float(parameter_count(architecture(load_model_config(name)[0]))))
     settings = {k: getattr(cfg, k, DEFAULTS[k]) for k in DEFAULTS}  # world_size is not in a config: --nproc
     for key in AUTO_KEYS:
         settings[key] = "auto" if settings[key] == "auto" else settings[key] == "true"
@@ -170,7 +176,8 @@ def plan_main(argv: list[str]) -> int:
     """``qlorakit plan [MODEL] [--config RUN.yaml] [--key value ...]``: print the plan."""
     parser = plan_parser()
     args = parser.parse_args(argv)
-    settings, config_model = run_settings(args.config) if args.config else (dict(DEFAULTS), None)
+    settings, config_model = (run_settings(args.config, args.model or None) if args.config
+                              else (dict(DEFAULTS), None))
     settings.update({k: v for k, v in vars(args).items() if k in DEFAULTS})  # flags win over the file
     if args.compare:
         return compare(parser, args, settings)

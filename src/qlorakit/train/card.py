@@ -157,7 +157,7 @@ def data_section(sources: list[SourceSummary]) -> list[str]:
 
 
 def hyperparameter_rows(cfg: TrainConfig) -> list[str]:
-    keys = ["num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    keys = ["recipe", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
             "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "lora_r",
             "lora_alpha", "lora_dropout", "lora_modules", "use_rslora", "loraplus_lr_ratio", "init_lora_weights",
             "use_dora", "neftune_noise_alpha", "bits", "quant_type", "double_quant", "bf16",

@@ -45,6 +45,7 @@ from .optim import build_optimizer, build_scheduler, param_groups, warmup_steps
 from .preference_setup import (apply_init_from, check_method_data, disable_dropout, load_init_adapter,
                                prepare_reference)
 from .progress import Metrics, Progress
+from .recipe import apply_recipe
 from .step import accumulate, supports_packing
 from .tracking import Trackers, require_trackers, start_trackers
 from .validate import eval_answers, eval_loss
@@ -321,6 +322,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
         require_trackers(cfg.report_to)
     if cfg.do_mmlu_eval:
         mmlu_file(cfg.mmlu_dataset, cfg.mmlu_split)  # a missing MMLU file is refused before the model loads
+    cfg = apply_recipe(cfg)  # the defaults by model size, before anything reads them (the resume check does)
     resume_path = None
     if cfg.resume_from_checkpoint:  # refused before any time goes into loading the model
         resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.checkpoint_dir())
