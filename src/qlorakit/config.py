@@ -16,14 +16,9 @@ import yaml
 
 from .compat import ALIASES, QLORA_KEYS, QloraKeys, add_alias_options, resolve, validate_qlora_keys
 from .config_methods import METHODS, validate_method
-from .config_values import ValueProblem, coerce
+from .config_values import ConfigError, ValueProblem, coerce, load_yaml  # noqa: F401 (re-exported)
 from .config_checks import DATA_PAIRS, value_problems
-from .errors import UserError
 from .options import Parser, split_extras
-
-
-class ConfigError(UserError):
-    """A mistake in the user's configuration. The message is meant to be printed as is, without a traceback."""
 
 
 AUTO = ("auto", "true", "false")  # the choices of a key that qlorakit can decide itself
@@ -69,21 +64,14 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                                 "CPU when they take under a quarter of the free memory.", AUTO)
     mpt: bool = _f(False, "Accepted for compatibility with the MPT fork of qlora; the architecture is read from "
                    "the model's config, so it has no effect.")
-    recipe: str = _f("auto", "Where the defaults of lora_r, lora_alpha, lora_dropout, learning_rate and "
-                     "gradient_accumulation_steps come from (a key you give always wins): small = the ones below, "
-                     "chosen by benchmarks/recipes.py on the embedded 135M model (README, Recipes); qlora = the "
-                     "QLoRA paper's for 7B-65B models (Dettmers et al. 2023, artidoro/qlora's scripts): r 64, alpha "
-                     "16, batch 16, and learning rate 2e-4 with dropout 0.1 up to 20B parameters, 1e-4 with 0.05 "
-                     "above; a preference method's learning rate 5e-6 (alignment-handbook's Zephyr-7B DPO QLoRA "
-                     "recipe); auto = small under 1B parameters, else qlora (docs/recipes.md).",
-                     ("auto", "small", "qlora"))
+    recipe: str = _f("auto", "Where the keys lora_r, lora_alpha, lora_dropout, learning_rate and "
+                     "gradient_accumulation_steps you leave out take their values: small = the defaults listed here, "
+                     "measured on the embedded 135M model; qlora = the QLoRA paper's for 7B-65B; auto = small under "
+                     "1B parameters, else qlora (docs/recipes.md).", ("auto", "small", "qlora"))
     # --- LoRA ---
-    lora_r: int = _f(16, "LoRA rank. 16: the small-model recipe (README, Recipes); above 1B parameters the recipe "
-                     "key gives QLoRA's 64.")
-    lora_alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r). 32: scale 2, the small-model recipe's "
-                           "(README, Recipes); above 1B parameters the recipe key gives QLoRA's 16 (scale 0.25).")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input. Above 1B parameters the recipe key gives QLoRA's 0.1 "
-                             "(up to 20B) or 0.05.")
+    lora_r: int = _f(16, "LoRA rank (recipe qlora: 64).")
+    lora_alpha: float = _f(32.0, "LoRA scaling numerator, scale = alpha / r (recipe qlora: 16, scale 0.25).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input (recipe qlora: 0.1 up to 20B parameters, else 0.05).")
     lora_modules: str = _f("all", "'all' linear layers except the output head, or a comma-separated list of module "
                            "names (e.g. q_proj,v_proj).")
     neftune_noise_alpha: float = _f(0.0, "NEFTune: uniform noise on the input embeddings in training steps only, "
@@ -153,12 +141,10 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
     max_steps: int = _f(-1, "Optimizer steps; when > 0 it caps the run.")
     per_device_train_batch_size: int = _f(4, "Examples per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step. The loss is normalized by the "
-                                          "number of trained tokens in all of them, so this equals a bigger batch. "
-                                          "Above 1B parameters the recipe key makes the batch QLoRA's 16.")
-    learning_rate: float = _f(5e-4, "Peak learning rate. 5e-4: the small-model recipe, measured on the embedded 135M "
-                              "model (README, Recipes); above 1B parameters the recipe "
-                              "key gives the QLoRA paper's 2e-4 (up to 20B) or 1e-4, and 5e-6 to a preference "
-                              "method.")
+                                          "number of trained tokens in all of them, so this equals a bigger batch "
+                                          "(recipe qlora: batch 16).")
+    learning_rate: float = _f(5e-4, "Peak learning rate; 5e-4: the small-model recipe (README, Recipes). Recipe "
+                              "qlora: 2e-4 up to 20B parameters, else 1e-4; 5e-6 for a preference method.")
     lr_scheduler_type: str = _f("constant", "Schedule after warmup.", ("constant", "linear", "cosine"))
     warmup_ratio: float = _f(0.03, "Share of steps spent warming up linearly from 0.")
     weight_decay: float = _f(0.0, "Decoupled weight decay (AdamW) or L2 (SGD).")
@@ -311,21 +297,6 @@ def parse_args(argv: list[str], parser: Parser | None = None
         else:
             flags[option.lstrip("-").replace("-", "_")] = (value, option)
     return ns, positionals, flags
-
-
-def load_yaml(path: str) -> dict[str, tuple[object, str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else path
-        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
-    return {str(k): (v, path) for k, v in data.items()}
 
 
 def build_config(argv: list[str], warnings: list[str] | None = None) -> TrainConfig:

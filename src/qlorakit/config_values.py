@@ -3,9 +3,15 @@ line naming the key and where the value came from (config.py reports it with eve
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import yaml
 
 from .errors import UserError
+
+
+class ConfigError(UserError):
+    """A mistake in the user's configuration. The message is meant to be printed as is, without a traceback."""
 
 
 class ValueProblem(UserError):
@@ -67,3 +73,19 @@ def dataset_list(key: str, value, source: str) -> list:
         raise ValueProblem(f"{key}[{bad}]: {value[bad]!r} (from {source}) is not a mapping such as "
                           "{path: a.jsonl, weight: 0.7}")
     return [dict(e) if isinstance(e, dict) else e for e in value]
+
+
+def load_yaml(path: str) -> dict[str, tuple[object, str]]:
+    """A config file's key -> (value, the file), or ConfigError in one line naming the file (and the line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+    return {str(k): (v, path) for k, v in data.items()}
