@@ -27,7 +27,7 @@ def values(cfg) -> tuple:
 ])
 def test_auto_picks_by_size(parameters, want):
     cfg = build_config([])
-    got = apply_recipe(cfg, parameters)
+    got = apply_recipe(cfg, parameters)[0]
     assert values(got) == (want or values(cfg))
     assert got.recipe == ("small" if want is None else "qlora")
 
@@ -36,7 +36,9 @@ def test_a_given_key_is_kept_even_at_its_default_value():
     """--learning_rate 5e-4 is the default's value: a rule that took "differs from the default" for "given" would
     replace it; the user said it, so it stays."""
     cfg = build_config(["--learning_rate", "5e-4", "--lora_r", "16"])
-    got = apply_recipe(cfg, 7e9)
+    got, note = apply_recipe(cfg, 7e9)
+    assert note.startswith("recipe: qlora (7.00B parameters)") and "lora_alpha 16" in note
+    assert "learning_rate" not in note and "lora_r" not in note  # the log names only what the recipe set
     assert (got.learning_rate, got.lora_r) == (5e-4, 16)
     assert (got.lora_alpha, got.lora_dropout) == (16.0, 0.1)  # the keys left out follow the rule
 
@@ -44,20 +46,20 @@ def test_a_given_key_is_kept_even_at_its_default_value():
 def test_yaml_keys_count_as_given_and_the_batch_is_left_alone(tmp_path):
     y = tmp_path / "run.yaml"
     y.write_text("lora_dropout: 0.2\nper_device_train_batch_size: 2\n")
-    got = apply_recipe(build_config([str(y)]), 7e9)
+    got = apply_recipe(build_config([str(y)]), 7e9)[0]
     assert (got.lora_dropout, got.per_device_train_batch_size, got.gradient_accumulation_steps) == (0.2, 2, 1)
     assert got.lora_r == 64
 
 
 def test_explicit_recipe_wins_over_size_and_preference_methods_move_less():
-    assert values(apply_recipe(build_config(["--recipe", "small"]), 70e9)) == values(build_config([]))
-    assert apply_recipe(build_config(["--recipe", "qlora"]), 0.135e9).lora_r == 64
-    assert apply_recipe(build_config(["--method", "dpo"]), 7e9).learning_rate == 5e-6
+    assert values(apply_recipe(build_config(["--recipe", "small"]), 70e9)[0]) == values(build_config([]))
+    assert apply_recipe(build_config(["--recipe", "qlora"]), 0.135e9)[0].lora_r == 64
+    assert apply_recipe(build_config(["--method", "dpo"]), 7e9)[0].learning_rate == 5e-6
 
 
 def test_init_from_keeps_its_adapter_shape():
     cfg = TrainConfig(init_from="runs/sft")  # apply_init_from has set the starting run's shape
-    got = apply_recipe(cfg, 7e9)
+    got = apply_recipe(cfg, 7e9)[0]
     assert (got.lora_r, got.lora_alpha, got.learning_rate) == (cfg.lora_r, cfg.lora_alpha, 2e-4)
 
 
@@ -71,7 +73,7 @@ def test_parameters_are_counted_from_the_config_alone(tmp_path):
     kv_dim = h // heads * kv
     want = 2 * vocab * h + layers * (2 * h * h + 2 * h * kv_dim + 3 * h * inter + 2 * h) + h
     assert base_parameters(str(tmp_path)) == want
-    assert apply_recipe(build_config(["--model_name_or_path", str(tmp_path)])).lora_r == 64
+    assert apply_recipe(build_config(["--model_name_or_path", str(tmp_path)]))[0].lora_r == 64
 
 
 def test_a_run_records_the_recipe_and_trains_with_its_values(tiny_llama, tmp_path):

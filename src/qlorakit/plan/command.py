@@ -135,7 +135,7 @@ def run_settings(config_file: str, model: str | None = None) -> tuple[dict, str 
     cfg = build_config([config_file])
     name = model or (None if cfg.model_name_or_path == "default" else cfg.model_name_or_path)
     if name:
-        cfg = apply_recipe(cfg, float(parameter_count(architecture(load_model_config(name)[0]))))
+        cfg = apply_recipe(cfg, float(parameter_count(architecture(load_model_config(name)[0]))))[0]
     settings = {k: getattr(cfg, k, DEFAULTS[k]) for k in DEFAULTS}  # world_size is not in a config: --nproc
     for key in AUTO_KEYS:
         settings[key] = "auto" if settings[key] == "auto" else settings[key] == "true"

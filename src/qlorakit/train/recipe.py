@@ -13,20 +13,18 @@ measure there:
   ``recipes/zephyr-7b-beta/dpo/config_qlora.yaml``).
 
 A key the user gave (file or flag) is never changed, even where its value equals the default; a run started with
-``init_from`` keeps its adapter's shape. The choice and what it set are logged, and the saved config records the
-resolved ``recipe`` with the values, so a resume or a rerun from that config sees the same numbers.
+``init_from`` keeps its adapter's shape. The choice and what it set are logged with the run's summary, and the
+saved config records the resolved ``recipe`` with the values, so a resume or a rerun from that config sees the same
+numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import UserError
-
-log = logging.getLogger("qlorakit")
 
 SMALL_LIMIT = 1e9  # parameters; below it the measured small-model recipe (the table's model has 135M)
 LARGE_LIMIT = 20e9  # QLoRA's 7B/13B settings below, its 33B/65B settings above
@@ -53,27 +51,28 @@ def choose(cfg: TrainConfig, parameters: float | None) -> str:
     return "qlora" if parameters is not None and parameters >= SMALL_LIMIT else "small"
 
 
-def apply_recipe(cfg: TrainConfig, parameters: float | None = None) -> TrainConfig:
-    """``cfg`` with the chosen recipe's values on the keys the user left out; ``recipe`` resolved. ``parameters``:
-    the base's count, counted here (from its config, no weights) when auto needs it."""
+def apply_recipe(cfg: TrainConfig, parameters: float | None = None) -> tuple[TrainConfig, str]:
+    """``cfg`` with the chosen recipe's values on the keys the user left out, ``recipe`` resolved; and a line that
+    says what it chose and set, for the log (logged with the run's summary, so a mistake found before it stays the
+    only line). ``parameters``: the base's count, counted here (from its config, no weights) where needed."""
+    unknown = ""
     if cfg.recipe != "small" and parameters is None:
         try:
             parameters = base_parameters(cfg.model_name_or_path, cfg.trust_remote_code)
         except UserError:
             raise
         except Exception as e:  # a config transformers cannot build: loading the model says so in its own words
-            log.warning("recipe: cannot count the parameters of %s (%s: %s); taking the small recipe",
-                        cfg.model_name_or_path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            unknown = f" (the parameters of {cfg.model_name_or_path} could not be counted: {type(e).__name__})"
     name = choose(cfg, parameters)
-    size = f"{parameters / 1e9:.2f}B parameters" if parameters is not None else "chosen"
+    size = ("chosen" if parameters is None else f"{parameters / 1e9:.2f}B parameters" if parameters >= 1e8
+            else f"{parameters / 1e6:.1f}M parameters")
     if name == "small":
-        log.info("recipe: small (%s): qlorakit's defaults, measured on the embedded 135M model", size)
-        return dataclasses.replace(cfg, recipe=name)
+        return (dataclasses.replace(cfg, recipe=name),
+                f"recipe: small ({size}){unknown}: qlorakit's defaults, measured on the embedded 135M model")
     keep = cfg.given | (set(INHERITED_SHAPE) if cfg.init_from else set())
     values = {k: v for k, v in qlora_values(cfg, parameters or 0.0).items() if k not in keep}
     shown = ", ".join(f"{k} {v:g}" for k, v in values.items()) or "nothing: every key it sets was given"
-    log.info("recipe: qlora (%s): %s", size, shown)
-    return dataclasses.replace(cfg, recipe=name, **values)
+    return dataclasses.replace(cfg, recipe=name, **values), f"recipe: qlora ({size}), QLoRA's values: {shown}"
 
 
 def base_parameters(name: str, trust_remote_code: bool = False) -> float:

@@ -322,7 +322,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
         require_trackers(cfg.report_to)
     if cfg.do_mmlu_eval:
         mmlu_file(cfg.mmlu_dataset, cfg.mmlu_split)  # a missing MMLU file is refused before the model loads
-    cfg = apply_recipe(cfg)  # the defaults by model size, before anything reads them (the resume check does)
+    cfg, recipe_note = apply_recipe(cfg)  # the defaults by model size, before anything reads them (resume does)
     resume_path = None
     if cfg.resume_from_checkpoint:  # refused before any time goes into loading the model
         resume_path = ckpt.resolve_resume(cfg.resume_from_checkpoint, cfg.checkpoint_dir())
@@ -359,6 +359,7 @@ def setup(cfg: TrainConfig, progress: bool = True, hooks: Hooks | None = None) -
     total = schedule.total_steps(cfg, len(train_ex), info.world_size, lengths)
     if info.is_main:
         log_summary(cfg, info, model, base_path, modules, len(train_ex), total, packing)
+        log.info("%s", recipe_note)
     model = wrap_model(model, cfg, info, device)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = param_groups(model.named_parameters(), cfg.learning_rate, cfg.loraplus_lr_ratio)  # LoRA+: B faster
