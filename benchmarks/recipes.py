@@ -97,7 +97,11 @@ TRL_QLORA = {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "lr": 2e-4, 
              "warmup_ratio": 0.03, "batch": 4, "grad_accum": 4, "max_grad_norm": 0.3, "epochs": 3.0,
              "max_length": 1024}
 LABELS = {"default": "default (no hyperparameter flags)", "trl": "TRL SFTTrainer, qlora's hyperparameters",
-          "dpo": "default, then DPO", "dpo_rpo": "default, then DPO + NLL (RPO)"}
+          "dpo": "default, then DPO", "dpo_rpo": "default, then DPO + NLL (RPO)",
+          "qlora_hp": "qlorakit, qlora's hyperparameters (`qlora_hp`)", "neftune": "NEFTune, alpha 5 (`neftune`)",
+          "rslora": "rsLoRA: scale 32/sqrt(16) = 8 (`rslora`)", "loraplus": "LoRA+, B at 16x (`loraplus`)",
+          "gaussian": "Gaussian A init (`gaussian`)", "loftq": "LoftQ init (`loftq`)", "dora": "DoRA (`dora`)",
+          "plw": "prompt loss weight 0.1 (`plw`)"}  # the other arms: their names
 QUICK = {"arms": "default,trl", "seeds": 1, "train_rows": 16, "eval_rows": 8, "epochs": 1.0}
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) ")
 
