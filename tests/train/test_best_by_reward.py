@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from helpers import WORDS, read_metrics, train_with, write_jsonl
 from qlorakit.config import ConfigError, build_config
 
+
 def pairs(n: int, seed: int = 1) -> list[dict]:
     rng = random.Random(seed)
     say = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))  # noqa: E731

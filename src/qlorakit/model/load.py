@@ -59,9 +59,9 @@ def converted_gguf(gguf: Path) -> Path | None:
 
 def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A cached safetensors directory with the dequantized weights and tokenizer of ``gguf`` (made once)."""
-    if converted_gguf(gguf):
-        return converted_gguf(gguf)
     out = _gguf_cache_dir(gguf)
+    if (out / "config.json").is_file():
+        return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils.quantization_config import GgufConfig
 
@@ -81,15 +81,22 @@ def convert_gguf(gguf: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
     return out
 
 
+def named_gguf(name: str) -> Path | None:
+    """The GGUF file ``model_name_or_path`` names (the embedded default's too), which must exist; None where it
+    names a directory or a hub id."""
+    p = Path(name).expanduser()
+    gguf = default_gguf() if name == DEFAULT_MODEL else p if p.suffix == ".gguf" else None
+    if gguf is not None and not gguf.is_file():
+        raise ModelError(f"model_name_or_path: {name} does not exist")
+    return gguf
+
+
 def resolve_model_path(name: str) -> str:
     """A local directory or hub id that ``from_pretrained`` can load."""
-    if name == DEFAULT_MODEL:
-        return str(convert_gguf(default_gguf()))
+    gguf = named_gguf(name)
+    if gguf is not None:
+        return str(convert_gguf(gguf))
     p = Path(name).expanduser()
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise ModelError(f"model_name_or_path: {name} does not exist")
-        return str(convert_gguf(p))
     if p.exists():
         if not (p / "config.json").is_file():
             raise ModelError(f"model_name_or_path: {name} has no config.json; give a Hugging Face model directory")
@@ -116,12 +123,9 @@ def model_tokenizer(name: str, trust_remote_code: bool = False):
     """The tokenizer of the model ``model_name_or_path`` names, without loading its weights: a GGUF's (the embedded
     default's too) is read from the file itself, so bad data is reported before the one-time conversion of the
     weights, and every run of that GGUF tokenizes (and fingerprints its data cache) with the same tokenizer."""
-    p = Path(name).expanduser()
-    gguf = default_gguf() if name == DEFAULT_MODEL else p if p.suffix == ".gguf" else None
+    gguf = named_gguf(name)
     if gguf is None:
         return load_tokenizer(resolve_model_path(name), trust_remote_code)
-    if not gguf.is_file():
-        raise ModelError(f"model_name_or_path: {name} does not exist")
     return load_tokenizer(str(gguf.parent), trust_remote_code, gguf_file=gguf.name)
 
 

@@ -21,7 +21,6 @@ numbers.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from ..config import TrainConfig
 from ..errors import UserError
@@ -81,14 +80,12 @@ def base_parameters(name: str, trust_remote_code: bool = False) -> float:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..model.load import DEFAULT_MODEL, converted_gguf, default_gguf, from_local_or_hub, resolve_model_path
+    from ..model.load import converted_gguf, from_local_or_hub, named_gguf, resolve_model_path
 
-    p = Path(name).expanduser()
-    gguf = default_gguf() if name == DEFAULT_MODEL else p if p.suffix == ".gguf" else None
-    if gguf is not None and not gguf.is_file():
-        raise UserError(f"model_name_or_path: {name} does not exist")
-    if gguf is not None and converted_gguf(gguf):  # its config.json: reading the GGUF's header takes seconds
-        path, extra = str(converted_gguf(gguf)), {}
+    gguf = named_gguf(name)
+    converted = converted_gguf(gguf) if gguf is not None else None
+    if converted is not None:  # its config.json: reading the GGUF's header takes seconds
+        path, extra = str(converted), {}
     elif gguf is not None:
         path, extra = str(gguf.parent), {"gguf_file": gguf.name}
     else:
