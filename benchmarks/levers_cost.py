@@ -48,7 +48,7 @@ def child(variant: str, steps: int, cache: str, model: str) -> dict:
             "--cache_dequantized", cache, "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.05",
             "--lora_modules", "all", "--per_device_train_batch_size", "4", "--max_steps", str(steps),
             "--eval_strategy", "no", "--save_strategy", "no", "--seed", "42", "--output_dir", str(Path(out) / "run"),
-            *VARIANTS[variant]])
+            *VARIANTS[variant], *([] if variant == "prompt_weight" else ["--prompt_loss_weight", "0"])])
         train(cfg, progress=False, hooks=Hooks(accumulate=timed))
     total = time.perf_counter() - t0
     return {"variant": variant, "step_s": seconds[2:], "setup_s": total - sum(seconds),

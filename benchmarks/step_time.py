@@ -41,7 +41,7 @@ def main(argv=None) -> int:
             args.gradient_checkpointing, "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.05",
             "--lora_modules", "all", "--per_device_train_batch_size", "4", "--max_steps", str(args.steps),
             "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--seed", "42",
-            "--output_dir", str(Path(out) / "run")])
+            "--prompt_loss_weight", "0", "--output_dir", str(Path(out) / "run")])
         train(cfg, progress=False, hooks=Hooks(accumulate=timed))
     print("seconds per step:", [round(s, 2) for s in seconds])
     print(f"sum after {min(2, len(seconds))} warm-up steps: {sum(seconds[2:]):.2f} s")

@@ -180,7 +180,8 @@ def qlorakit_command(model_dir: str, data: Path, out: Path, bf16: bool, checkpoi
                  lr_scheduler_type=j["scheduler"], warmup_ratio=j["warmup"], num_train_epochs=j["epochs"],
                  max_grad_norm=j["max_grad_norm"], optim=j["optim"], weight_decay=j["weight_decay"], seed=j["seed"],
                  model_max_len=j["max_length"], truncation="truncate", packing=True, group_by_length=False,
-                 eval_strategy="no", save_strategy="no", logging_steps=1, output_dir=str(out))
+                 eval_strategy="no", save_strategy="no", logging_steps=1, output_dir=str(out),
+                 prompt_loss_weight=0)  # TRL's loss: the completions only
     cmd = [sys.executable, "-m", "qlorakit", "train"]
     for k, v in flags.items():
         cmd += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]

@@ -1,5 +1,5 @@
-"""The quality levers' config keys: today's defaults (all off), their ranges and the combinations refused, every
-problem at once and naming its key; the help and the model card list them."""
+"""The quality levers' config keys: their defaults (off, but prompt_loss_weight 0.1: README, "Recipes"), their ranges
+and the combinations refused, every problem at once and naming its key; the help and the model card list them."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ LEVERS = ("neftune_noise_alpha", "use_rslora", "loraplus_lr_ratio", "init_lora_w
           "prompt_loss_weight")
 
 
-def test_defaults_leave_todays_training_unchanged():
+def test_levers_are_off_by_default_but_the_prompt_weight_that_won():
     cfg = build_config([])
     assert (cfg.neftune_noise_alpha, cfg.use_rslora, cfg.loraplus_lr_ratio, cfg.init_lora_weights, cfg.use_dora,
-            cfg.prompt_loss_weight) == (0.0, False, 0.0, "default", False, 0.0)
+            cfg.prompt_loss_weight) == (0.0, False, 0.0, "default", False, 0.1)
 
 
 def test_good_values_are_read():

@@ -89,3 +89,12 @@ def load_yaml(path: str) -> dict[str, tuple[object, str]]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
     return {str(k): (v, path) for k, v in data.items()}
+
+
+def implied_values(given: dict) -> dict:
+    """The defaults another given key rules out, for keys not given: prompt_loss_weight 0 where train_on_source is
+    given (true trains the prompt tokens at weight 1 already; false, as in qlora's command lines, asks for the
+    responses only), or where a preference method scores completions only."""
+    if "prompt_loss_weight" not in given and ("train_on_source" in given or given.get("method", "sft") != "sft"):
+        return {"prompt_loss_weight": 0.0}
+    return {}

@@ -159,7 +159,10 @@ def test_an_arm_names_only_what_it_changes():
     flags = dict(zip(cmd[4::2], cmd[5::2]))
     assert cmd[1:4] == ["-m", "qlorakit", "train"] and flags["--seed"] == "43"
     hyper = {"--learning_rate", "--lora_r", "--lora_alpha", "--num_train_epochs", "--lora_dropout", "--max_steps"}
-    assert not hyper & set(flags), "the default arm must run qlorakit's defaults"
+    assert not hyper & set(flags) and "--prompt_loss_weight" not in flags, "the default arm runs the defaults"
+    lever = dict(zip(*[iter(recipes.qlorakit_command("neftune", 42, FILES, Path("o"), args_for())[4:])] * 2))
+    # every other arm changes one thing from the baseline it was measured on: the loss on the responses only
+    assert lever["--prompt_loss_weight"] == "0" and lever["--neftune_noise_alpha"] == "5"
     ep = dict(zip(*[iter(recipes.qlorakit_command("epochs1", 42, FILES, Path("o"), args_for(epochs=2))[4:])] * 2))
     assert ep["--num_train_epochs"] == "1"  # the arm's own epoch count wins over --epochs
     other = dict(zip(*[iter(recipes.qlorakit_command("dora", 42, FILES, Path("o"), args_for(epochs=2))[4:])] * 2))
@@ -169,24 +172,24 @@ def test_an_arm_names_only_what_it_changes():
 FILES = {"train": Path("t.jsonl"), "pairs": Path("p.jsonl")}
 
 
-def test_the_dpo_arm_continues_the_default_arms_run_of_its_seed_on_the_pairs(tmp_path):
-    args = args_for(runs_dir=str(tmp_path), arm_list=["default", "dpo"], keep_adapters=False)
+def test_the_dpo_arm_continues_the_responses_arms_run_of_its_seed_on_the_pairs(tmp_path):
+    args = args_for(runs_dir=str(tmp_path), arm_list=["responses", "dpo"], keep_adapters=False)
     cmd = recipes.qlorakit_command("dpo", 44, FILES, Path("o"), args)
     flags = dict(zip(cmd[4::2], cmd[5::2]))
     assert flags["--method"] == "dpo" and flags["--dataset"] == "p.jsonl" and flags["--seed"] == "44"
-    assert flags["--init_from"] == str(tmp_path / "default-s44" / "adapter")
+    assert flags["--init_from"] == str(tmp_path / "responses-s44" / "adapter")
     assert "--dataset_format" not in flags and "--model_name_or_path" not in flags  # inherited from init_from
-    # without the default arm's adapter of that seed it fails with the reason, before starting a process
+    # without the responses arm's adapter of that seed it fails with the reason, before starting a process
     out = recipes.train_one("dpo", 44, tmp_path / "dpo-s44", "/m", FILES, args)
-    assert out["status"] == "failed" and "run --arms default,dpo" in out["reason"]
+    assert out["status"] == "failed" and "run --arms responses,dpo" in out["reason"]
 
 
 def test_a_dpo_run_records_the_digest_of_the_pairs_it_trained_on(tmp_path, monkeypatch):
     """The settings' data digest covers the train and eval files only; a run on pairs says which pairs, so results
     made before and after the pairs file changed are told apart."""
-    args = args_for(runs_dir=str(tmp_path), arm_list=["default", "dpo"], keep_adapters=False)
-    (tmp_path / "default-s44" / "adapter").mkdir(parents=True)
-    (tmp_path / "default-s44" / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    args = args_for(runs_dir=str(tmp_path), arm_list=["responses", "dpo"], keep_adapters=False)
+    (tmp_path / "responses-s44" / "adapter").mkdir(parents=True)
+    (tmp_path / "responses-s44" / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
     monkeypatch.setattr(recipes, "run_child", lambda cmd, log: {"rc": 0, "wall_seconds": 1.0, "peak_rss_mib": 1.0,
                                                                  "log": str(log), "step_times": [(1, 0.0), (2, 1.0)]})
     digests = []

@@ -59,6 +59,15 @@ def test_other_bases_keep_their_own_name(tmp_path):
     assert "A LoRA adapter for `my-org/llama-7b`" in card and "QLoRA, NF4 4-bit base with double quantization" in card
 
 
+@pytest.mark.parametrize("cfg, says", [
+    (TrainConfig(), "on the responses and on the prompts at weight 0.1,"),
+    (TrainConfig(prompt_loss_weight=0.0), "on the responses only,"),
+    (TrainConfig(prompt_loss_weight=0.0, train_on_source=True), "on the responses and the prompts,"),
+])
+def test_the_card_says_what_the_loss_covered(tmp_path, cfg, says):
+    assert f"Loss was computed {says} normalized" in _card(tmp_path, "my-org/llama-7b", cfg=cfg)
+
+
 def test_card_states_the_highest_peak_gpu_memory_of_the_rows(tmp_path):
     """A resumed run's rows come from two processes: the card takes the highest of each peak, wherever it is (an
     eval row has none)."""

@@ -1,6 +1,7 @@
 """prompt_loss_weight: the loss sum_i w_i * ce_i / sum_i w_i over a whole optimizer step, w 1 on reply tokens and the
-weight on prompt tokens. 0 is today's batch and loss exactly, 1 is train_on_source true; 0.5 is the formula (the
-token-count normalization twin is caught), on the plain and the chunked head, and across accumulation."""
+weight on prompt tokens. 0 is the replies-only batch and loss exactly, 1 is train_on_source true, 0.1 the default;
+0.5 is the formula (the token-count normalization twin is caught), on the plain and the chunked head, and across
+accumulation."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import SGD_ONE_STEP, adapter_weights, airoboros_rows, read_metrics, rel_diff, train_with, write_jsonl
+from qlorakit.config import ConfigError, build_config
 from qlorakit.data.batching import collate
 from qlorakit.data.formats import read_jsonl
 from qlorakit.data.tokenize import IGNORE, tokenize_conversation
@@ -81,15 +83,35 @@ def _run(tiny_llama, data, out, *extra):
     return adapter_weights(out), read_metrics(out, "loss")[0]["loss"]
 
 
-def test_training_with_weight_1_equals_train_on_source_and_0_equals_today(tiny_llama, tmp_path):
+def test_the_default_is_weight_0_1_weight_1_equals_train_on_source_and_0_is_replies_only(tiny_llama, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", airoboros_rows(4))
-    today, loss_today = _run(tiny_llama, data, tmp_path / "today")
+    default, loss_default = _run(tiny_llama, data, tmp_path / "default")
+    tenth, loss_tenth = _run(tiny_llama, data, tmp_path / "tenth", "--prompt_loss_weight", "0.1")
+    assert loss_tenth == loss_default and all(torch.equal(default[k], tenth[k]) for k in default)
     zero, loss_zero = _run(tiny_llama, data, tmp_path / "zero", "--prompt_loss_weight", "0")
-    assert loss_zero == loss_today and all(torch.equal(today[k], zero[k]) for k in today)
+    assert loss_zero != loss_default and rel_diff(zero, default) > 1e-3
+    # train_on_source alone: the default weight gives way (prompts at weight 1), no clash with a key not given
     source, loss_source = _run(tiny_llama, data, tmp_path / "source", "--train_on_source", "true")
     one, loss_one = _run(tiny_llama, data, tmp_path / "one", "--prompt_loss_weight", "1")
-    assert loss_one == pytest.approx(loss_source, rel=1e-6) and loss_one != loss_today
-    assert rel_diff(source, one) < 1e-5 < 0.1 < rel_diff(today, one)  # the prompt tokens did train
+    assert loss_one == pytest.approx(loss_source, rel=1e-6) and loss_one != loss_zero
+    assert rel_diff(source, one) < 1e-5 < 0.1 < rel_diff(zero, one)  # the prompt tokens did train
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], 0.1),
+    (["--train_on_source", "true"], 0.0),  # prompts at weight 1 already
+    (["--train_on_source", "false"], 0.0),  # said as qlora's command lines say it: the responses only
+    (["--method", "dpo"], 0.0),  # a preference method scores completions only
+    (["--method", "dpo", "--prompt_loss_weight", "0.3"], 0.3),  # given: kept
+])
+def test_the_default_weight_gives_way_only_to_keys_that_rule_it_out(argv, want):
+    cfg = build_config(argv)
+    assert cfg.prompt_loss_weight == want and ("prompt_loss_weight" in cfg.given) == ("--prompt_loss_weight" in argv)
+
+
+def test_a_given_weight_with_train_on_source_is_still_one_clear_line():
+    with pytest.raises(ConfigError, match="prompt_loss_weight: train_on_source true already trains"):
+        build_config(["--train_on_source", "true", "--prompt_loss_weight", "0.1"])
 
 
 def test_the_normalization_spans_the_whole_step_across_accumulation(tiny_llama, tmp_path):

@@ -51,6 +51,13 @@ def test_yaml_keys_count_as_given_and_the_batch_is_left_alone(tmp_path):
     assert got.lora_r == 64
 
 
+def test_the_qlora_recipe_trains_the_responses_only_and_small_keeps_the_prompt_weight():
+    """QLoRA's scripts train on the responses (train_on_source false); the small recipe keeps the measured 0.1."""
+    assert apply_recipe(build_config([]), 7e9)[0].prompt_loss_weight == 0.0
+    assert apply_recipe(build_config([]), 0.135e9)[0].prompt_loss_weight == 0.1
+    assert apply_recipe(build_config(["--prompt_loss_weight", "0.1"]), 7e9)[0].prompt_loss_weight == 0.1
+
+
 def test_explicit_recipe_wins_over_size_and_preference_methods_move_less():
     assert values(apply_recipe(build_config(["--recipe", "small"]), 70e9)[0]) == values(build_config([]))
     assert apply_recipe(build_config(["--recipe", "qlora"]), 0.135e9)[0].lora_r == 64

@@ -122,12 +122,12 @@ def test_optimizer_step_returns_what_it_did_and_skips_a_nonfinite_update(tiny_ll
     run = setup(build_config(["--model_name_or_path", str(tiny_llama), "--dataset", str(data), "--output_dir",
                               str(tmp_path / "run"), "--per_device_train_batch_size", "2", "--max_steps", "3",
                               "--learning_rate", "0.01", "--warmup_ratio", "0", "--bf16", "false",
-                              "--max_nonfinite_steps", "2"]), progress=False)
+                              "--max_nonfinite_steps", "2", "--prompt_loss_weight", "0"]), progress=False)
     first, second = run.epoch_steps(0)[:2]
     before = adapter(run)
     result = optimizer_step(step_parts(run), first)
     examples = [run.train_ex[i] for i in first.examples]
-    assert result.trained_tokens == sum(t != IGNORE for e in examples for t in e.labels[1:])
+    assert result.trained_tokens == sum(t != IGNORE for e in examples for t in e.labels[1:])  # replies only: a count
     assert result.tokens_seen == sum(len(e) for e in examples)  # packed: no padding to leave out
     assert (result.learning_rate, result.skipped) == (0.01, False)
     assert math.isfinite(result.loss) and result.loss > 0 and result.grad_norm > 0

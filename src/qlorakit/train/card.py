@@ -321,6 +321,15 @@ def run_scores(cfg: TrainConfig, out: Path, metrics: list[dict], best_step: int 
     return {**scores, **mmlu_scores(metrics), **run_dir_scores(out)}
 
 
+def loss_scope(cfg: TrainConfig) -> str:
+    """What else the loss covered besides the responses, for the card's overview."""
+    if cfg.train_on_source:
+        return " and the prompts"
+    if cfg.prompt_loss_weight and cfg.method == "sft":
+        return f" and on the prompts at weight {cfg.prompt_loss_weight:g}"
+    return " only"
+
+
 def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict], best_step: int | None,
                stopped: str, prompt_example: str, sources: list[SourceSummary], scores: Scores | None = None) -> Path:
     """``sources``: the run's data sources (``PreparedData.sources``), training and eval, with the rows they gave.
@@ -340,9 +349,9 @@ def write_card(cfg: TrainConfig, out: Path, base_path: str, metrics: list[dict],
         f"# {name}", "",
         "## Overview", "",
         f"A LoRA adapter for `{base_name}`, fine-tuned with qlorakit on {', '.join(f'`{n}`' for n in names)} ({kind}, "
-        f"LoRA r={cfg.lora_r} on `{cfg.lora_modules}` linear layers). Loss was computed on the responses only"
-        f"{'' if not cfg.train_on_source else ' and the prompts'}, normalized by trained tokens across "
-        "accumulated micro-batches, so gradient accumulation is exactly a larger batch.", "",
+        f"LoRA r={cfg.lora_r} on `{cfg.lora_modules}` linear layers). Loss was computed on the responses"
+        f"{loss_scope(cfg)}, normalized by trained tokens across accumulated micro-batches, so gradient "
+        "accumulation is exactly a larger batch.", "",
         "## Prompt format", "",
         f"`{cfg.prompt_format}`. An example, exactly as the model saw it:", "",
         "```", prompt_example, "```", "",

@@ -7,7 +7,8 @@ measure there:
 
 - QLoRA (Dettmers et al. 2023, arXiv:2305.14314) and its scripts (artidoro/qlora, ``scripts/finetune_guanaco_*.sh``):
   LoRA r 64, alpha 16 on all linear layers, batch 16 (4 x accumulation 4); learning rate 2e-4 and dropout 0.1 for
-  7B and 13B, 1e-4 and 0.05 for 33B and 65B. ``LARGE_LIMIT`` splits the two between 13B and 33B.
+  7B and 13B, 1e-4 and 0.05 for 33B and 65B. ``LARGE_LIMIT`` splits the two between 13B and 33B. The loss on
+  the responses only (qlora's ``train_on_source`` false): prompt_loss_weight 0.
 - A preference method (dpo, orpo, simpo, kto) starts from an instruction-tuned model and moves it far less: learning
   rate 5e-6, the alignment-handbook's Zephyr-7B DPO QLoRA recipe (huggingface/alignment-handbook,
   ``recipes/zephyr-7b-beta/dpo/config_qlora.yaml``).
@@ -36,7 +37,8 @@ def qlora_values(cfg: TrainConfig, parameters: float) -> dict:
     """The QLoRA rule's value of each key it sets, for a base of ``parameters`` parameters."""
     large = parameters >= LARGE_LIMIT
     values = {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.05 if large else 0.1,
-              "learning_rate": (1e-4 if large else 2e-4) if cfg.method == "sft" else PREFERENCE_LR}
+              "learning_rate": (1e-4 if large else 2e-4) if cfg.method == "sft" else PREFERENCE_LR,
+              "prompt_loss_weight": 0.0}
     batch_given = {"per_device_train_batch_size", "gradient_accumulation_steps", "max_tokens_per_batch"} & cfg.given
     if not batch_given and QLORA_BATCH % cfg.per_device_train_batch_size == 0:
         values["gradient_accumulation_steps"] = QLORA_BATCH // cfg.per_device_train_batch_size
