@@ -103,7 +103,7 @@ TRL_QLORA = {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "lr": 2e-4, 
              "warmup_ratio": 0.03, "batch": 4, "grad_accum": 4, "max_grad_norm": 0.3, "epochs": 3.0,
              "max_length": 1024}
 LABELS = {"default": "default (no hyperparameter flags: prompt loss weight 0.1)",
-          "responses": "responses only (`responses`: the arms below change one thing from it)",
+          "responses": "responses only (`responses`: the old defaults, the baseline of the arms below)",
           "trl": "TRL SFTTrainer, qlora's hyperparameters",
           "dpo": "responses, then DPO", "dpo_rpo": "responses, then DPO + NLL (RPO)",
           "qlora_hp": "qlorakit, qlora's hyperparameters (`qlora_hp`)", "neftune": "NEFTune, alpha 5 (`neftune`)",

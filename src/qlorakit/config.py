@@ -138,7 +138,8 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
                             "least 20,000 rows.")
     # --- schedule ---
     output_dir: str = _f("runs/default", "Run directory: adapter, tokenizer, config, metrics, model card.")
-    num_train_epochs: float = _f(2.0, "Epochs to train (used when max_steps is not set).")
+    num_train_epochs: float = _f(2.0, "Epochs to train (used when max_steps is not set). 2: one epoch scored lower "
+                                 "on every seed (README, Recipes).")
     max_steps: int = _f(-1, "Optimizer steps; when > 0 it caps the run.")
     per_device_train_batch_size: int = _f(4, "Examples per micro-batch.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step. The loss is normalized by the "
