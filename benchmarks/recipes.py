@@ -132,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-rows", type=int, default=0, help="evaluate on the first N held-out rows (default all 40)")
     p.add_argument("--max-new-tokens", type=int, default=72, help="longest greedy reply (default 72: the longest "
                    "held-out reference reply is 67 SmolLM2 tokens with its EOS)")
+    p.add_argument("--bf16", action="store_true", help="train in bfloat16 autocast (qlorakit --bf16 true, TRL's "
+                   "--bf16); default float32 on every CPU, so that tables from different machines compare "
+                   "(qlorakit's own auto would choose bf16 on AMX and AVX512-BF16). Evaluation is float32 either way")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK} unless given")
     p.add_argument("--model", default="default", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", default="", help="results JSON (default benchmarks/results/recipes.json; with --quick "
@@ -220,7 +223,8 @@ def qlorakit_command(arm: str, seed: int, files: dict, out: Path, args) -> list[
     if args.steps:
         flags["max_steps"] = args.steps
     base = {"model_name_or_path": args.model, "dataset": str(files["train"]), "dataset_format": "airoboros",
-            "seed": seed, "output_dir": str(out), "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1}
+            "seed": seed, "output_dir": str(out), "eval_strategy": "no", "save_strategy": "no", "logging_steps": 1,
+            "bf16": "true" if args.bf16 else "false"}
     if arm in FOLLOWS:  # the base model, rank and prompt format come from the run it continues; the data are pairs
         base = {k: v for k, v in base.items() if k not in ("model_name_or_path", "dataset_format")}
         base |= {"dataset": str(files["pairs"]), "init_from": str(adapter_dir(args, FOLLOWS[arm], seed))}
@@ -231,7 +235,7 @@ def trl_command(model_dir: str, data: Path, out: Path, report: Path, seed: int, 
     j = dict(TRL_QLORA, epochs=args.epochs or TRL_QLORA["epochs"])
     cmd = [sys.executable, str(BENCH / "_trl_job.py"), "--model", model_dir, "--data", str(data), "--output_dir",
            str(out), "--report", str(report), "--seed", str(seed)]
-    cmd += flag_list(j)
+    cmd += flag_list(j) + (["--bf16"] if args.bf16 else [])
     if args.steps:
         cmd += ["--max_steps", str(args.steps)]
     return cmd
@@ -337,8 +341,12 @@ def prepare_data(model_dir: str, args) -> tuple[dict, list[dict], dict]:
     digest = hashlib.sha256(files["train"].read_bytes() + files["eval"].read_bytes()).hexdigest()[:16]
     settings = {"model": model_dir, "data_sha256": digest, "train_rows": len(train_rows),
                 "eval_rows": len(eval_rows), "epochs": args.epochs, "steps": args.steps,
-                "max_new_tokens": args.max_new_tokens}
+                "max_new_tokens": args.max_new_tokens, "compute": compute(args)}
     return files, eval_rows, settings
+
+
+def compute(args) -> str:
+    return "bfloat16" if args.bf16 else "float32"
 
 
 def load_results(path: Path, settings: dict, args) -> dict:
@@ -346,6 +354,9 @@ def load_results(path: Path, settings: dict, args) -> dict:
         if not args.resume:
             sys.exit(f"{path} holds results: give --resume to go on with them, --fresh to start over, or --out")
         res = json.loads(path.read_text(encoding="utf-8"))
+        # files from before the compute was a setting were made on AVX2-only CPUs, where qlorakit's bf16 auto is
+        # float32 (and TRL's row was float32): say so, so that they resume
+        res.setdefault("settings", {}).setdefault("compute", "float32")
         if res.get("settings") != settings:
             sys.exit(f"{path} was made with other settings ({res.get('settings')}); these are {settings}: "
                      "give --fresh or another --out")
@@ -373,13 +384,26 @@ def processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def vector_units() -> str:
+    """The widest of AMX, AVX512-BF16, AVX512 and AVX2 this CPU has (what decides its float32 and bf16 speed)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    names = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16", "avx512f": "AVX512", "avx2": "AVX2"}
+    return next((name for flag, name in names.items() if flag in flags), "?")
+
+
 def render(res: dict, arms: list[str] | None = None) -> str:
     runs = list(res["runs"].values())
     arms = arms or [a for a in ARMS if any(r["arm"] == a for r in runs)]
     s, m = res["settings"], res.get("machine", {})
     head = (f"Recipes on {Path(s['model']).name}: {s['train_rows']} training rows, {s['eval_rows']} held-out rows "
-            f"(greedy, up to {s['max_new_tokens']} new tokens), float32 compute on {m.get('processor', '?')} "
-            f"({m.get('cpus', '?')} cores), epochs: {'%g' % s['epochs'] if s['epochs'] else 'each arm its own'}"
+            f"(greedy, up to {s['max_new_tokens']} new tokens), {s.get('compute', 'float32')} compute on "
+            f"{m.get('processor', '?')} ({m.get('cpus', '?')} cores"
+            f"{', ' + m['vector_units'] if m.get('vector_units') else ''}), "
+            f"epochs: {'%g' % s['epochs'] if s['epochs'] else 'each arm its own'}"
             f"{', at most %d steps' % s['steps'] if s['steps'] else ''}. Each cell: mean (min–max) over the seeds "
             "that finished.")
     return head + "\n\n" + table(aggregate(runs, arms), LABELS) + "\n\ncommand: " + res.get("command", "?")
@@ -411,7 +435,7 @@ def main(argv=None) -> int:
     files, eval_rows, settings = prepare_data(model_dir, args)
     res = load_results(out, settings, args)
     res.update(command=command, machine={"processor": processor_name(), "cpus": os.cpu_count(),
-                                         "python": sys.version.split()[0]})
+                                         "vector_units": vector_units(), "python": sys.version.split()[0]})
     seeds = list(range(SEEDS_FROM, SEEDS_FROM + args.seeds))
     todo = todo_runs(res, args.arm_list, seeds)
     print(f"{len(todo)} runs to do ({len(args.arm_list)} arms x {len(seeds)} seeds, "

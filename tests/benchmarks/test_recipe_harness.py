@@ -151,7 +151,7 @@ def test_table_columns_and_single_seed_cells():
 
 def args_for(**kw):
     return SimpleNamespace(**{"epochs": 0, "steps": 0, "model": "default", "fresh": False, "resume": False,
-                              "max_new_tokens": 72} | kw)
+                              "max_new_tokens": 72, "bf16": False} | kw)
 
 
 def test_an_arm_names_only_what_it_changes():
@@ -212,6 +212,30 @@ def test_trl_row_runs_qloras_hyperparameters():
     assert flags["--epochs"] == "3.0"
 
 
+def test_every_run_trains_in_float32_unless_bf16_is_asked_and_the_table_says_which(tmp_path):
+    """qlorakit's bf16 auto would train in bf16 on AMX and AVX512-BF16 CPUs while TRL's row and the evaluation stay
+    float32: the harness says the compute on every command, and the settings and the table's header carry it."""
+    def flags(cmd, skip):
+        return dict(zip(cmd[skip::2], cmd[skip + 1::2]))
+    for bf16, want in ((False, "false"), (True, "true")):
+        for arm in ("default", "dpo"):
+            a = args_for(bf16=bf16, runs_dir=str(tmp_path))
+            assert flags(recipes.qlorakit_command(arm, 42, FILES, Path("o"), a), 4)["--bf16"] == want
+        assert ("--bf16" in recipes.trl_command("/m", Path("d"), Path("o"), Path("r"), 42, args_for(bf16=bf16))) == bf16
+        assert recipes.compute(args_for(bf16=bf16)) == ("bfloat16" if bf16 else "float32")
+    res = {"settings": {"model": "/m/M", "train_rows": 1, "eval_rows": 1, "max_new_tokens": 8, "epochs": 0,
+                        "steps": 0, "compute": "bfloat16"},
+           "machine": {"processor": "P", "cpus": 2, "vector_units": "AMX"}, "runs": {"a/42": run("default", 42, 0.5)}}
+    assert "bfloat16 compute on P (2 cores, AMX)" in recipes.render(res)
+    # a results file from before the setting (all made in float32) resumes as float32, and not as bfloat16
+    old = {"settings": {k: v for k, v in res["settings"].items() if k != "compute"}, "runs": {}}
+    recipes.save_results(tmp_path / "old.json", old)
+    f32 = dict(res["settings"], compute="float32")
+    assert recipes.load_results(tmp_path / "old.json", f32, args_for(resume=True))["settings"] == f32
+    with pytest.raises(SystemExit, match="other settings"):
+        recipes.load_results(tmp_path / "old.json", res["settings"], args_for(resume=True))
+
+
 def test_seconds_per_step_from_log_line_times():
     # steps 2-5 ran between the first and the last line: 9 s over 4 steps (loading, before step 1, excluded)
     assert recipes.seconds_per_step([(1, 10.0), (2, 12.0), (5, 19.0)]) == pytest.approx(2.25)
@@ -219,16 +243,17 @@ def test_seconds_per_step_from_log_line_times():
 
 
 def test_resume_reruns_failed_and_missing_runs_only(tmp_path):
-    res = {"settings": {"s": 1}, "runs": {"a/42": run("a", 42, 0.5), "a/43": run("a", 43, status="failed")}}
+    s1 = {"s": 1, "compute": "float32"}
+    res = {"settings": s1, "runs": {"a/42": run("a", 42, 0.5), "a/43": run("a", 43, status="failed")}}
     assert recipes.todo_runs(res, ["a", "b"], [42, 43]) == [("b", 42), ("a", 43), ("b", 43)]  # seed by seed
     path = tmp_path / "r.json"
     recipes.save_results(path, res)
-    assert recipes.load_results(path, {"s": 1}, args_for(resume=True)) == json.loads(path.read_text())
+    assert recipes.load_results(path, s1, args_for(resume=True)) == json.loads(path.read_text())
     with pytest.raises(SystemExit, match="other settings"):
-        recipes.load_results(path, {"s": 2}, args_for(resume=True))
+        recipes.load_results(path, dict(s1, s=2), args_for(resume=True))
     with pytest.raises(SystemExit, match="--resume"):
-        recipes.load_results(path, {"s": 1}, args_for())
-    assert recipes.load_results(path, {"s": 1}, args_for(fresh=True))["runs"] == {}
+        recipes.load_results(path, s1, args_for())
+    assert recipes.load_results(path, s1, args_for(fresh=True))["runs"] == {}
 
 
 def test_failure_reason_is_the_last_line(tmp_path):
