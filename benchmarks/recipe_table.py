@@ -78,3 +78,30 @@ def table(agg: dict, labels: dict[str, str] | None = None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"- {labels.get(arm, arm)}, seed {s} failed: {reason}" for s, reason in a["failed"]]
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def seed_table(runs: list[dict], arms: list[str], labels: dict[str, str] | None = None,
+               key: str = "exact_match") -> str:
+    """Seed by seed, ``key`` of each arm (columns, ``arms[0]`` first), each later arm's cell with its difference
+    from ``arms[0]``'s run of the same seed: what a mean and spread hide (a lever that wins on two seeds and loses
+    on the third). A failed run reads ``failed``, one not run ``—``."""
+    labels = labels or {}
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs if r["arm"] in arms})
+    spec = next(s for k, _, s in COLUMNS if k == key)
+
+    def get(arm, seed):
+        r = by.get((arm, seed))
+        return None if r is None or r["status"] != "ok" else value(r, key)
+
+    lines = ["| seed | " + " | ".join(labels.get(a, a) for a in arms) + " |", "|---|" + "---:|" * len(arms)]
+    for seed in seeds:
+        base, cells = get(arms[0], seed), []
+        for i, arm in enumerate(arms):
+            v = get(arm, seed)
+            text = ("failed" if (arm, seed) in by else "—") if v is None else format(v, spec)
+            if i and v is not None and base is not None:
+                text += f" ({v - base:+{spec}})"
+            cells.append(text)
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

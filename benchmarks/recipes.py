@@ -46,7 +46,7 @@ BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from recipe_score import score_rows  # noqa: E402
-from recipe_table import aggregate, table  # noqa: E402
+from recipe_table import aggregate, seed_table, table  # noqa: E402
 
 TRAIN = BENCH / "data" / "recipes_train.jsonl"
 EVAL = BENCH / "data" / "recipes_eval.jsonl"
@@ -406,7 +406,11 @@ def render(res: dict, arms: list[str] | None = None) -> str:
             f"epochs: {'%g' % s['epochs'] if s['epochs'] else 'each arm its own'}"
             f"{', at most %d steps' % s['steps'] if s['steps'] else ''}. Each cell: mean (min–max) over the seeds "
             "that finished.")
-    return head + "\n\n" + table(aggregate(runs, arms), LABELS) + "\n\ncommand: " + res.get("command", "?")
+    first = [a for a in ("responses", "default") if a in arms][:1]  # the baseline first, where it ran
+    by_seed = seed_table(runs, first + [a for a in arms if a not in first])  # arms by name: a narrow table
+    return (head + "\n\n" + table(aggregate(runs, arms), LABELS) + "\n\nExact match seed by seed (in brackets: "
+            f"the difference from `{first[0] if first else 'the first column'}` on that seed):\n\n" + by_seed
+            + "\n\ncommand: " + res.get("command", "?"))
 
 
 def list_arms() -> None:

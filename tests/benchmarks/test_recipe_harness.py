@@ -145,6 +145,16 @@ def test_table_columns_and_single_seed_cells():
     assert "| 1.235 | 3.21 | 1024 |" in row
 
 
+def test_the_seed_table_shows_every_seed_and_its_difference_from_the_baseline():
+    runs = [run("base", 42, 0.5), run("base", 43, 0.6), run("lever", 42, 0.55), run("lever", 43, 0.4),
+            run("other", 42, status="failed")]
+    lines = rt.seed_table(runs, ["base", "lever", "other"], {"lever": "Lever"}).splitlines()
+    assert lines[0] == "| seed | base | Lever | other |"
+    # the mean (0.475 against 0.55) would hide that the lever won on seed 42
+    assert lines[2] == "| 42 | 0.500 | 0.550 (+0.050) | failed |"
+    assert lines[3] == "| 43 | 0.600 | 0.400 (-0.200) | — |"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The sweep's bookkeeping
 
