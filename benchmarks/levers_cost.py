@@ -26,9 +26,13 @@ import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data" / "closed_context_64.jsonl"
-VARIANTS = {"plain": [], "dora": ["--use_dora", "true"], "loftq": ["--init_lora_weights", "loftq"],
-            "rslora": ["--use_rslora", "true"], "loraplus": ["--loraplus_lr_ratio", "16"],
-            "neftune": ["--neftune_noise_alpha", "5"], "prompt_weight": ["--prompt_loss_weight", "0.1"]}
+# Each variant's flags on the job below. plain is LoRA with the loss on the responses only, the baseline every
+# lever changes one thing from; prompt_weight trains the prompts too, at weight 0.1 (qlorakit's small-model default).
+RESPONSES = ["--prompt_loss_weight", "0"]
+VARIANTS = {"plain": RESPONSES, "dora": RESPONSES + ["--use_dora", "true"],
+            "loftq": RESPONSES + ["--init_lora_weights", "loftq"], "rslora": RESPONSES + ["--use_rslora", "true"],
+            "loraplus": RESPONSES + ["--loraplus_lr_ratio", "16"],
+            "neftune": RESPONSES + ["--neftune_noise_alpha", "5"], "prompt_weight": ["--prompt_loss_weight", "0.1"]}
 
 
 def child(variant: str, steps: int, cache: str, model: str) -> dict:
@@ -48,7 +52,7 @@ def child(variant: str, steps: int, cache: str, model: str) -> dict:
             "--cache_dequantized", cache, "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.05",
             "--lora_modules", "all", "--per_device_train_batch_size", "4", "--max_steps", str(steps),
             "--eval_strategy", "no", "--save_strategy", "no", "--seed", "42", "--output_dir", str(Path(out) / "run"),
-            *VARIANTS[variant], *([] if variant == "prompt_weight" else ["--prompt_loss_weight", "0"])])
+            *VARIANTS[variant]])
         train(cfg, progress=False, hooks=Hooks(accumulate=timed))
     total = time.perf_counter() - t0
     return {"variant": variant, "step_s": seconds[2:], "setup_s": total - sum(seconds),

@@ -35,3 +35,14 @@ def test_both_loop_benchmarks_use_it():
         text = (BENCH / script).read_text()
         assert "from _step_timer import timed_accumulate" in text and "timed_accumulate(seconds)" in text, script
         assert "def timed(" not in text, f"{script} has its own copy of the timer again"
+
+
+def test_every_lever_is_costed_against_the_responses_only_baseline_and_the_prompt_weight_against_it_too():
+    """qlorakit's default prompt loss weight is 0.1: a lever measured without naming 0 would carry it, and its cost
+    would include the prompt weight's. Each variant's own flags say the weight; only prompt_weight says 0.1."""
+    import levers_cost  # BENCH is on the path (above)
+
+    def weight(flags):
+        return dict(zip(flags[::2], flags[1::2])).get("--prompt_loss_weight")
+    assert {v: weight(f) for v, f in levers_cost.VARIANTS.items()} == (
+        {v: "0" for v in levers_cost.VARIANTS} | {"prompt_weight": "0.1"})
