@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.qlorakit-installed
 LLAMA_SRC := $(VENV)/share/llama-cpp-python-src
+NO_AMX    := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 
 .PHONY: setup demo lint test bench-trl clean
 
@@ -24,8 +25,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	rm -rf $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: -c constraints.txt llama-cpp-python -d $(LLAMA_SRC)
 	tar -xzf $(LLAMA_SRC)/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC)
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF" $(BIN)/python -m pip install -q --no-build-isolation \
-	  $(LLAMA_SRC)/llama_cpp_python-*/
+	# Without llama.cpp's AMX kernels (NO_AMX): on an AMX CPU, -march=native compiles them in, and this pinned
+	# llama.cpp's AMX matmul crashes (segfault) on the embedded model's Q4_1 GGUF and on Q8_0 exports
+	# (ggml-org/llama.cpp#20824); its AVX512-VNNI kernels run those instead.
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' \
+	  -DCMAKE_CXX_FLAGS='$(NO_AMX)'" $(BIN)/python -m pip install -q --no-build-isolation $(LLAMA_SRC)/llama_cpp_python-*/
 	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp
 	cd $(LLAMA_SRC)/llama_cpp_python-*/vendor/llama.cpp && \
 	  cp -r convert_hf_to_gguf.py conversion gguf-py LICENSE $(CURDIR)/$(VENV)/share/llama.cpp/

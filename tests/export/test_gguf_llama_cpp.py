@@ -51,6 +51,15 @@ FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
               "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
 
 
+def test_llama_cpp_is_built_without_its_amx_kernels():
+    """make setup builds llama.cpp with -mno-amx-* (the Makefile's NO_AMX): this pinned llama.cpp's AMX matmul
+    segfaults on the embedded model's Q4_1 GGUF and on the Q8_0 exports below (seen on a 2-core AMX Xeon). A CPU
+    without AMX never compiles them; on one with AMX this fails first if the flags are lost, before a crash ends
+    the whole suite."""
+    info = llama_cpp.llama_print_system_info().decode()
+    assert "AMX_INT8 = 1" not in info, info
+
+
 def train_tiny(model_dir: Path, out: Path) -> Path:
     """A few optimizer steps on a tiny model, as tests/conftest.py's run_dir fixture trains one."""
     data = write_jsonl(out.parent / "d.jsonl", airoboros_rows(8))
