@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	tar -xzf $(LLAMA_SRC)/llama_cpp_python-*.tar.gz -C $(LLAMA_SRC)
 	# Without llama.cpp's AMX kernels (NO_AMX): on an AMX CPU, -march=native compiles them in, and this pinned
 	# llama.cpp's AMX matmul crashes (segfault) on the embedded model's Q4_1 GGUF and on Q8_0 exports
-	# (ggml-org/llama.cpp#20824); its AVX512-VNNI kernels run those instead.
+	# (seen on a 2-core AMX Xeon; upstream reports one too: ggml-org/llama.cpp#20824); its AVX512-VNNI kernels run them.
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF -DCMAKE_C_FLAGS='$(NO_AMX)' \
 	  -DCMAKE_CXX_FLAGS='$(NO_AMX)'" $(BIN)/python -m pip install -q --no-build-isolation $(LLAMA_SRC)/llama_cpp_python-*/
 	rm -rf $(VENV)/share/llama.cpp && mkdir -p $(VENV)/share/llama.cpp

@@ -107,6 +107,19 @@ def test_parameters_and_small_tensors_stay_in_place():
     assert torch.equal(hooks.unpack_hook((where, copy)), activation)
 
 
+def test_the_host_copy_keeps_the_saved_tensors_layout():
+    """Backward reads the copy in place of the saved tensor, so it must have its strides: a contiguous copy of a
+    transposed view changed the gradients in their last bits on an AMX Xeon (the test above caught it there); this
+    catches the contiguous twin on any CPU. An expanded tensor (stride 0) gets a dense copy of the same values."""
+    hooks = step.activation_offload(torch.device("cpu"))
+    for saved in (torch.randn(64, 96).t(), torch.randn(8, 64, 32).permute(2, 0, 1), torch.randn(64, 96)):
+        where, copy = hooks.pack_hook(saved)
+        assert copy is not saved and copy.stride() == saved.stride() and torch.equal(copy, saved)
+    expanded = torch.randn(64, 1).expand(64, 96)
+    where, copy = hooks.pack_hook(expanded)
+    assert torch.equal(hooks.unpack_hook((where, copy)), expanded)
+
+
 def test_the_key_reads_as_a_yes_no_key():
     assert build_config([]).offload_activations is False
     assert build_config(["--offload_activations"]).offload_activations is True  # the bare flag

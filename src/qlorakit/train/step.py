@@ -55,13 +55,16 @@ def activation_offload(device: torch.device) -> torch.autograd.graph.saved_tenso
 
     Parameters are left in place: a frozen weight (a 4-bit one included) is saved by every matmul that uses it, and
     torch's ``save_on_cpu`` would copy the whole base model out and back on every micro-batch. So are tensors under
-    ``MIN_OFFLOAD_BYTES``. A packed tensor is ``(device, tensor)``: the device to return to, None when kept."""
+    ``MIN_OFFLOAD_BYTES``. A packed tensor is ``(device, tensor)``: the device to return to, None when kept. The copy
+    keeps the saved tensor's strides, so backward sees the same layout and computes the same numbers: a contiguous
+    copy of a transposed view changed the LoRA gradients in their last bits on an AMX Xeon, where torch's kernels
+    round the two layouts differently (AVX2's did not)."""
     pin = device.type == "cuda"
 
     def pack(t: torch.Tensor):
         if isinstance(t, torch.nn.Parameter) or t.numel() * t.element_size() < MIN_OFFLOAD_BYTES:
             return None, t
-        host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin)
+        host = torch.empty_like(t, device="cpu", pin_memory=pin)  # t's strides (where t is dense)
         host.copy_(t)
         return t.device, host
 
