@@ -72,8 +72,8 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
     lora_r: int = _f(16, "LoRA rank; 16: on the embedded model rank 8 scored lower on every seed, rank 64 lower on "
                      "the mean (README, Recipes). Recipe qlora: 64.")
     lora_alpha: float = _f(32.0, "LoRA scaling numerator, scale = alpha / r (recipe qlora: 16, scale 0.25).")
-    lora_dropout: float = _f(0.05, "Dropout on the LoRA input; 0.05: QLoRA's for its larger models, not yet varied on "
-                             "the embedded model (recipe qlora: 0.1 up to 20B parameters, else 0.05).")
+    lora_dropout: float = _f(0.05, "Dropout on the LoRA input; 0.05: QLoRA's for its larger models; 0 was no higher "
+                             "on the embedded model (README, Recipes; recipe qlora: 0.1 up to 20B, else 0.05).")
     lora_modules: str = _f("all", "'all' linear layers except the output head, or a comma-separated list of module "
                            "names (e.g. q_proj,v_proj).")
     neftune_noise_alpha: float = _f(0.0, "NEFTune: uniform noise on the input embeddings in training steps only, "
@@ -152,7 +152,8 @@ class TrainConfig(QloraKeys):  # QloraKeys (compat.py): the keys of qlora, its f
     learning_rate: float = _f(5e-4, "Peak learning rate; 5e-4: on the embedded model 2e-4 scored lower on every "
                               "seed, 1e-3 no higher outside the seed spread (README, Recipes). Recipe qlora: 2e-4 up "
                               "to 20B parameters, else 1e-4; 5e-6 for a preference method.")
-    lr_scheduler_type: str = _f("constant", "Schedule after warmup; constant: qlora's (a cosine arm is not yet run).",
+    lr_scheduler_type: str = _f("constant", "Schedule after warmup; constant: qlora's (cosine scored lower on every "
+                                "seed, README Recipes).",
                                 ("constant", "linear", "cosine"))
     warmup_ratio: float = _f(0.03, "Share of steps spent warming up linearly from 0.")
     weight_decay: float = _f(0.0, "Decoupled weight decay (AdamW) or L2 (SGD).")
