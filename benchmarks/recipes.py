@@ -377,22 +377,18 @@ def save_results(path: Path, res: dict) -> None:
     os.replace(tmp, path)
 
 
-def processor_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+VECTOR_UNITS = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16", "avx512f": "AVX512", "avx2": "AVX2"}
 
 
-def vector_units() -> str:
-    """The widest of AMX, AVX512-BF16, AVX512 and AVX2 this CPU has (what decides its float32 and bf16 speed)."""
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    names = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16", "avx512f": "AVX512", "avx2": "AVX2"}
-    return next((name for flag, name in names.items() if flag in flags), "?")
+def machine() -> dict:
+    """The processor's name, its core count, the widest of its vector units in VECTOR_UNITS (what decides its
+    float32 and bf16 speed) and Python's version, from one read of /proc/cpuinfo."""
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    field = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in lines) if v}  # every CPU's alike
+    flags = set(field.get("flags", "").split())
+    return {"processor": field.get("model name") or platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "vector_units": next((n for f, n in VECTOR_UNITS.items() if f in flags), "?"),
+            "python": sys.version.split()[0]}
 
 
 def render(res: dict, arms: list[str] | None = None) -> str:
@@ -438,8 +434,7 @@ def main(argv=None) -> int:
     model_dir = resolve_model_path(args.model)
     files, eval_rows, settings = prepare_data(model_dir, args)
     res = load_results(out, settings, args)
-    res.update(command=command, machine={"processor": processor_name(), "cpus": os.cpu_count(),
-                                         "vector_units": vector_units(), "python": sys.version.split()[0]})
+    res.update(command=command, machine=machine())
     seeds = list(range(SEEDS_FROM, SEEDS_FROM + args.seeds))
     todo = todo_runs(res, args.arm_list, seeds)
     print(f"{len(todo)} runs to do ({len(args.arm_list)} arms x {len(seeds)} seeds, "
